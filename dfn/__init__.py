@@ -1,0 +1,26 @@
+"""Dynamic Flow Networks as a Hugging Face Transformers model."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .cache_dfn import DFNCache
+from .configuration_dfn import DFNConfig
+from .modeling_dfn import DFNForCausalLM, DFNModel, DFNPreTrainedModel
+from .tokenization_dfn import DFNByteTokenizer
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_dfn.DFNConfig",
+    "AutoModel": "modeling_dfn.DFNModel",
+    "AutoModelForCausalLM": "modeling_dfn.DFNForCausalLM",
+}
+
+AutoConfig.register("dfn", DFNConfig, exist_ok=True)
+AutoModel.register(DFNConfig, DFNModel, exist_ok=True)
+AutoModelForCausalLM.register(DFNConfig, DFNForCausalLM, exist_ok=True)
+AutoTokenizer.register(DFNConfig, slow_tokenizer_class=DFNByteTokenizer, exist_ok=True)
+
+DFNConfig.register_for_auto_class()
+DFNModel.register_for_auto_class("AutoModel")
+DFNForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DFNByteTokenizer.register_for_auto_class("AutoTokenizer")
+
+__all__ = ["AUTO_MAP", "DFNByteTokenizer", "DFNCache", "DFNConfig", "DFNForCausalLM", "DFNModel", "DFNPreTrainedModel"]

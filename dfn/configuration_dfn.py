@@ -1,0 +1,175 @@
+"""Configuration of Dynamic Flow Networks (DFN)."""
+
+from transformers import PreTrainedConfig
+
+LAYER_VARIANTS = ("residual", "seed")
+NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
+
+
+class DFNConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`DFNModel`] / [`DFNForCausalLM`].
+
+    Every entity (byte) has a state of size `hidden_size` and, per head, a position of `pos_dim` coordinates.
+    Each layer moves the positions by a learned flow and mixes each entity with its `num_neighbors` nearest
+    earlier entities (and the `memory_slots` field-memory slots) through a Gaussian kernel.
+
+    Args:
+        vocab_size (`int`, defaults to 259): 256 byte ids + pad, bos, eos.
+        hidden_size (`int`, defaults to 256): width of entity states.
+        num_hidden_layers (`int`, defaults to 4): number of flow layers.
+        num_attention_heads (`int`, defaults to 4): heads; each has its own positions, flow, kernel and memory.
+        pos_dim (`int`, defaults to 2): coordinates per head position (the first is time).
+        num_neighbors (`int`, defaults to 32): K, the nearest earlier entities each entity mixes with.
+        flow_alpha_init (`float`, defaults to 0.1): initial step size α of the flow.
+        kernel_width_init (`float`, defaults to 1.0): initial Gaussian kernel width σ (in position units).
+        time_scale_min / time_scale_max (`float`): per-head scale of the time coordinate at initialisation,
+            spaced geometrically across heads (large = local head, small = near-global head).
+        memory_slots (`int`, defaults to 16): M field-memory slots per layer and head.
+        memory_chunk_size (`int`, defaults to 64): C, the memory is written once per absolute chunk of C entities.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width as a multiple of `hidden_size`.
+        dropout (`float`, defaults to 0.0): dropout on the mixed values and the MLP output.
+        use_flow (`bool`): move positions by the flow (False: α = 0, time-only positions).
+        use_memory (`bool`): use the persistent field memory.
+        use_flownorm (`bool`): FlowNorm (per-entity RMS normalisation); False replaces it by identity.
+        layer_variant (`str`): "residual" (pre-norm residual block, default) or "seed" (the seed's literal layer
+            `FlowNorm(MLP([s, y]))` without residual path).
+        neighbor_search (`str`): "reference" (brute-force exact oracle), "fast", or "auto" (fast when available).
+        initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
+        flownorm_eps (`float`): epsilon of FlowNorm.
+    """
+
+    model_type = "dfn"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 259,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        pos_dim: int = 2,
+        num_neighbors: int = 32,
+        flow_alpha_init: float = 0.1,
+        kernel_width_init: float = 1.0,
+        time_scale_min: float = 0.01,
+        time_scale_max: float = 1.0,
+        memory_slots: int = 16,
+        memory_chunk_size: int = 64,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        use_flow: bool = True,
+        use_memory: bool = True,
+        use_flownorm: bool = True,
+        layer_variant: str = "residual",
+        neighbor_search: str = "auto",
+        initializer_range: float = 0.02,
+        flownorm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = 256,
+        bos_token_id: int | None = 257,
+        eos_token_id: int | None = 258,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.pos_dim = pos_dim
+        self.num_neighbors = num_neighbors
+        self.flow_alpha_init = flow_alpha_init
+        self.kernel_width_init = kernel_width_init
+        self.time_scale_min = time_scale_min
+        self.time_scale_max = time_scale_max
+        self.memory_slots = memory_slots
+        self.memory_chunk_size = memory_chunk_size
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        self.use_flow = use_flow
+        self.use_memory = use_memory
+        self.use_flownorm = use_flownorm
+        self.layer_variant = layer_variant
+        self.neighbor_search = neighbor_search
+        self.initializer_range = initializer_range
+        self.flownorm_eps = flownorm_eps
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(**kwargs)
+        self._validate_dfn()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def _validate_dfn(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DFNConfig.{name} must be an integer >= 1, got {value!r}")
+
+        def positive_float(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"DFNConfig.{name} must be a number > 0, got {value!r}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "pos_dim",
+            "num_neighbors",
+            "memory_slots",
+            "memory_chunk_size",
+        ):
+            positive_int(name)
+        for name in (
+            "kernel_width_init",
+            "time_scale_min",
+            "time_scale_max",
+            "mlp_ratio",
+            "initializer_range",
+            "flownorm_eps",
+        ):
+            positive_float(name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"DFNConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if not 1 <= self.pos_dim <= 8:
+            raise ValueError(f"DFNConfig.pos_dim must be in [1, 8], got {self.pos_dim}")
+        if self.time_scale_min > self.time_scale_max:
+            raise ValueError(
+                f"DFNConfig.time_scale_min ({self.time_scale_min}) must be <= time_scale_max ({self.time_scale_max})"
+            )
+        if (
+            isinstance(self.flow_alpha_init, bool)
+            or not isinstance(self.flow_alpha_init, (int, float))
+            or not (0 <= self.flow_alpha_init <= 10)
+        ):
+            raise ValueError(f"DFNConfig.flow_alpha_init must be a number in [0, 10], got {self.flow_alpha_init!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("use_flow", "use_memory", "use_flownorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DFNConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.layer_variant not in LAYER_VARIANTS:
+            raise ValueError(f"DFNConfig.layer_variant must be one of {LAYER_VARIANTS}, got {self.layer_variant!r}")
+        if self.neighbor_search not in NEIGHBOR_SEARCHES:
+            raise ValueError(
+                f"DFNConfig.neighbor_search must be one of {NEIGHBOR_SEARCHES}, got {self.neighbor_search!r}"
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+                raise ValueError(
+                    f"DFNConfig.{name} must be None or in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
+
+
+__all__ = ["DFNConfig"]

@@ -1,0 +1,486 @@
+"""PyTorch Dynamic Flow Networks (DFN).
+
+Every byte is an entity with a state and, per head, a position. Each layer moves the positions by a learned flow and
+mixes each entity with its K nearest earlier entities (and the persistent field-memory slots) through a Gaussian
+kernel weighted by learned influence weights. See DESIGN.md for the reference semantics.
+
+Axis legend: B batch, N new entities, T all entities (cached + new), H heads, k pos_dim, K neighbours,
+D head_dim, E hidden_size, M memory slots.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+
+from .cache_dfn import DFNCache
+from .configuration_dfn import DFNConfig
+from .memory_dfn import NEG, initial_memory_state, memory_scan
+from .neighbors_dfn import causal_knn
+
+
+@dataclass
+class DFNModelOutput(BaseModelOutputWithPast):
+    r"""
+    cache (`DFNCache`, *optional*): entity positions, values, weights and field memory, for incremental decoding.
+    positions (`tuple(torch.Tensor)`, *optional*, returned with `output_positions=True`):
+        entity positions of shape `(batch_size, sequence_length, num_heads, pos_dim)`: the initial ones, then those
+        after each layer's flow.
+    """
+
+    positions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DFNCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    positions (`tuple(torch.Tensor)`, *optional*, returned with `output_positions=True`): see [`DFNModelOutput`].
+    """
+
+    positions: tuple[torch.Tensor, ...] | None = None
+
+
+class DFNFlowNorm(nn.Module):
+    """`FlowNorm(x_i) = γ ⊙ x_i / sqrt(mean(x_i²) + ε)`: per entity, never across entities (that would leak)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config) -> nn.Module:
+    return DFNFlowNorm(config.hidden_size, config.flownorm_eps) if config.use_flownorm else nn.Identity()
+
+
+class DFNMLP(nn.Module):
+    """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`."""
+
+    def __init__(self, config):
+        super().__init__()
+        inner = int(config.mlp_ratio * config.hidden_size)
+        self.up_proj = nn.Linear(2 * config.hidden_size, inner)
+        self.down_proj = nn.Linear(inner, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+
+
+def gather_neighbors(keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`keys` `(B, T, H, F)`, `indices` `(B, N, H, K)` -> `(B, N, H, K, F)` (each head gathers its own keys)."""
+    batch, length, heads, features = keys.shape
+    flat_index = indices * heads + torch.arange(heads, device=indices.device).view(1, 1, heads, 1)
+    rows = torch.arange(batch, device=indices.device).view(batch, 1)
+    gathered = keys.reshape(batch, length * heads, features)[rows, flat_index.reshape(batch, -1)]
+    return gathered.view(*indices.shape, features)
+
+
+class DFNFlowLayer(GradientCheckpointingLayer):
+    """One Dynamic Flow Attention layer (flow, causal kNN kernel mix, field memory) and its MLP."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        heads, pos_dim, head_dim = (
+            config.num_attention_heads,
+            config.pos_dim,
+            config.hidden_size // config.num_attention_heads,
+        )
+        self.num_heads, self.pos_dim, self.head_dim = heads, pos_dim, head_dim
+        self.input_norm = make_norm(config)
+        self.flow_proj = nn.Linear(config.hidden_size, heads * pos_dim, bias=False)
+        self.influence_proj = nn.Linear(config.hidden_size, heads)
+        self.value_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.flow_alpha = nn.Parameter(torch.full((heads,), float(config.flow_alpha_init)))
+        self.log_kernel_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
+        self.mix_dropout = nn.Dropout(config.dropout)
+        self.mlp = DFNMLP(config)
+        self.output_norm = make_norm(config) if config.layer_variant == "seed" else None
+        if config.use_memory:
+            slots = config.memory_slots
+            self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim))
+            self.memory_val = nn.Parameter(torch.zeros(heads, slots, head_dim))
+            self.memory_log_weight = nn.Parameter(torch.zeros(heads, slots))
+            self.memory_gate = nn.Parameter(torch.zeros(heads, slots))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        position_ids: torch.Tensor,
+        entity_mask: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache_layer=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            hidden_states: `(B, N, E)` entity states.
+            positions: `(B, N, H, k)` float32 positions entering the layer.
+            position_ids: `(B, N)` real-entity index of each entity.
+            entity_mask: `(B, N)` bool, False for padding.
+            key_mask: `(B, T)` bool over cached + new entities.
+            cache_layer: this layer's `DFNCacheLayer`, or None.
+
+        Returns:
+            new states `(B, N, E)` and moved positions `(B, N, H, k)`.
+        """
+        batch, length, _ = hidden_states.shape
+        x = self.input_norm(hidden_states) if self.output_norm is None else hidden_states
+        if self.config.use_flow:
+            flow = self.flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
+            positions = positions + self.flow_alpha.view(1, 1, -1, 1) * flow
+        log_weights = F.logsigmoid(self.influence_proj(x).float())  # (B, N, H)
+        values = self.value_proj(x).view(batch, length, self.num_heads, self.head_dim).float()
+        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)  # (H,)
+
+        mixed, log_norm = self._mix_neighbors(positions, values, log_weights, key_mask, inv_two_var, cache_layer)
+        if self.config.use_memory and bool(entity_mask.any()):
+            state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], batch)
+            params = self._memory_params(inv_two_var)
+            mem, mem_log_norm, state = memory_scan(
+                state,
+                positions,
+                values,
+                log_weights,
+                position_ids,
+                entity_mask,
+                params,
+                self.config.memory_chunk_size,
+            )
+            total = torch.logaddexp(log_norm, mem_log_norm).unsqueeze(-1)
+            mixed = (
+                torch.exp(log_norm.unsqueeze(-1) - total) * mixed + torch.exp(mem_log_norm.unsqueeze(-1) - total) * mem
+            )
+            if cache_layer is not None:
+                cache_layer.memory = {name: t.detach() for name, t in state.items()}
+                cache_layer.memory_stale = False
+        mixed = self.mix_dropout(mixed.reshape(batch, length, -1).to(hidden_states.dtype))
+
+        if self.output_norm is None:
+            hidden_states = hidden_states + self.mlp(torch.cat([x, mixed], dim=-1))
+        else:
+            hidden_states = self.output_norm(self.mlp(torch.cat([hidden_states, mixed], dim=-1)))
+        return hidden_states, positions
+
+    def _mix_neighbors(self, positions, values, log_weights, key_mask, inv_two_var, cache_layer):
+        """Gaussian-kernel average over the K nearest earlier entities: `(B, N, H, D)` and its log-normaliser."""
+        keys = (positions, values, log_weights)
+        if cache_layer is not None and cache_layer.get_seq_length() > 0:
+            past = (cache_layer.keys, cache_layer.values, cache_layer.log_weights)
+            keys = tuple(torch.cat([p, k], dim=1) for p, k in zip(past, keys, strict=True))
+        if cache_layer is not None:
+            cache_layer.update(positions, values, log_weights)
+        key_pos, key_val, key_log_w = keys
+        offset = key_pos.shape[1] - positions.shape[1]
+        indices, valid = causal_knn(
+            positions, key_pos.detach(), key_mask, self.config.num_neighbors, offset, self.config.neighbor_search
+        )
+        features = torch.cat([key_pos, key_val, key_log_w.unsqueeze(-1)], dim=-1)  # (B, T, H, k + D + 1)
+        near_pos, near_val, near_log_w = gather_neighbors(features, indices).split(
+            [self.pos_dim, self.head_dim, 1], dim=-1
+        )
+        dist2 = (positions.unsqueeze(3) - near_pos).pow(2).sum(-1)  # (B, N, H, K)
+        logits = near_log_w.squeeze(-1) - dist2 * inv_two_var.view(1, 1, -1, 1)
+        logits = logits.masked_fill(~valid, NEG)
+        mixed = torch.einsum("bnhk,bnhkd->bnhd", torch.softmax(logits, dim=-1), near_val)
+        return mixed, torch.logsumexp(logits, dim=-1)
+
+    def _memory_params(self, inv_two_var) -> dict:
+        return {
+            "slot_log_weight": F.logsigmoid(self.memory_log_weight),
+            "gate": torch.sigmoid(self.memory_gate),
+            "inv_two_var": inv_two_var,
+        }
+
+    def _memory_state(self, cache_layer, past_mask: torch.Tensor, batch: int) -> dict:
+        """The memory as it stands before the new entities: fresh, from the cache, or rebuilt after a crop."""
+        fresh = initial_memory_state(self.memory_pos.float(), self.memory_val.float(), batch)
+        if cache_layer is None or not bool(past_mask.any()):
+            return fresh
+        if cache_layer.memory is not None and not cache_layer.memory_stale:
+            return cache_layer.memory
+        length = past_mask.shape[1]
+        past_ids = past_mask.long().cumsum(1) - 1
+        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
+        _, _, state = memory_scan(
+            fresh,
+            cache_layer.keys[:, :length],
+            cache_layer.values[:, :length],
+            cache_layer.log_weights[:, :length],
+            past_ids,
+            past_mask,
+            self._memory_params(inv_two_var),
+            self.config.memory_chunk_size,
+            read=False,
+        )
+        return state
+
+
+class DFNPreTrainedModel(PreTrainedModel):
+    config_class = DFNConfig
+    config: DFNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DFNFlowLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own DFNCache
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, DFNFlowNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DFNFlowLayer):
+            init.constant_(module.flow_alpha, float(config.flow_alpha_init))
+            init.constant_(module.log_kernel_width, math.log(config.kernel_width_init))
+            init.normal_(
+                module.mlp.down_proj.weight, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+            )
+            if config.use_memory:
+                init.normal_(module.memory_pos, std=1.0)
+                init.normal_(module.memory_val, std=config.initializer_range)
+                init.zeros_(module.memory_log_weight)
+                init.zeros_(module.memory_gate)
+        elif isinstance(module, DFNModel):
+            heads = config.num_attention_heads
+            scales = torch.logspace(
+                math.log10(config.time_scale_max), math.log10(config.time_scale_min), heads, dtype=torch.float32
+            )
+            init.copy_(module.log_time_scale, scales.log())
+
+
+class DFNModel(DFNPreTrainedModel):
+    """The DFN backbone: byte embeddings, `num_hidden_layers` flow layers and a final FlowNorm."""
+
+    def __init__(self, config: DFNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DFNFlowLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.log_time_scale = nn.Parameter(torch.zeros(config.num_attention_heads))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def initial_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, N)` real-entity indices -> `(B, N, H, k)` positions: scaled time first, zeros elsewhere."""
+        time = position_ids.float().unsqueeze(-1) * torch.exp(self.log_time_scale.float())  # (B, N, H)
+        rest = time.new_zeros(*time.shape, self.config.pos_dim - 1)
+        return torch.cat([time.unsqueeze(-1), rest], dim=-1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: DFNCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_positions: bool = False,
+        **kwargs,
+    ) -> DFNModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): byte ids (new entities only when
+                a non-empty `cache` is given).
+            attention_mask (`torch.Tensor` of shape `(batch_size, cache_length + sequence_length)`): 1 for real
+                entities, 0 for padding (left or right).
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`): instead of ids.
+            cache (`DFNCache`): state from previous calls; the new entities continue it.
+            use_cache (`bool`): return a `DFNCache` (a new one if none was given).
+            output_positions (`bool`): return the entity positions entering and leaving each layer.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        batch, length, _ = inputs_embeds.shape
+        if use_cache and cache is None:
+            cache = DFNCache(self.config)
+        if cache is not None:
+            cache.check_compatible(self.config, batch)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        entity_mask = self._entity_mask(attention_mask, cache, batch, length, past_length, inputs_embeds.device)
+        past_real = cache.real_lengths(batch, inputs_embeds.device) if cache is not None else 0
+        position_ids = entity_mask.long().cumsum(1).sub(1).clamp_min(0) + torch.as_tensor(past_real).view(-1, 1)
+        key_mask = cache.append_mask(entity_mask) if cache is not None else entity_mask
+
+        hidden_states = inputs_embeds
+        positions = self.initial_positions(position_ids)
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_positions = (positions,) if output_positions else None
+        for layer in self.layers:
+            cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
+            hidden_states, positions = layer(hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_positions:
+                all_positions += (positions,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        return DFNModelOutput(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden,
+            positions=all_positions,
+        )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if (
+                not isinstance(input_ids, torch.Tensor)
+                or input_ids.dtype.is_floating_point
+                or input_ids.dtype == torch.bool
+            ):
+                raise ValueError(
+                    f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}"
+                )
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}"
+                )
+            if input_ids.numel() == 0:
+                raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one entity")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
+                )
+            return self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch_size, sequence_length, {self.config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds is empty (shape {tuple(inputs_embeds.shape)})")
+        if not torch.isfinite(inputs_embeds).all():
+            raise ValueError("inputs_embeds contains NaN or inf")
+        return inputs_embeds
+
+    @staticmethod
+    def _entity_mask(attention_mask, cache, batch, length, past_length, device) -> torch.Tensor:
+        """Validate `attention_mask` `(B, past + N)` against the cache; return the new entities' mask `(B, N)`."""
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, past_length + length):
+            raise ValueError(
+                f"attention_mask must have shape (batch_size, cache_length + sequence_length) = "
+                f"({batch}, {past_length + length}), got {tuple(attention_mask.shape)}"
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must contain only 0 and 1")
+        mask = attention_mask.bool()
+        if past_length and cache.entity_mask is not None and not torch.equal(mask[:, :past_length], cache.entity_mask):
+            raise ValueError("attention_mask disagrees with the cache about which past entities are padding")
+        if not bool(mask.any(1).all()):
+            raise ValueError("attention_mask has a row with no real entity (all zeros)")
+        new = mask[:, past_length:]
+        if not bool(new.any()):
+            raise ValueError("attention_mask marks every new entity as padding")
+        return new
+
+
+class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
+    """DFN with a language-modelling head (tied to the byte embeddings by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DFNConfig):
+        super().__init__(config)
+        self.model = DFNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: DFNCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_positions: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> DFNCausalLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): next-byte targets (shifted inside);
+            -100 is ignored. `num_items_in_batch` (from Trainer) is honoured.
+        logits_to_keep (`int`): compute logits for the last `logits_to_keep` entities only (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_positions=output_positions,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            expected = tuple(outputs.last_hidden_state.shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"labels must have shape (batch_size, sequence_length) = {expected}, got {tuple(labels.shape)}")
+            if logits_to_keep:
+                raise ValueError("labels cannot be combined with logits_to_keep")
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return DFNCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            positions=outputs.positions,
+        )
+
+
+__all__ = ["DFNForCausalLM", "DFNModel", "DFNPreTrainedModel", "DFNCache"]
