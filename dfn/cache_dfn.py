@@ -23,58 +23,88 @@ def cache_signature(config) -> dict:
 class DFNCacheLayer(CacheLayerMixin):
     """One layer's cache.
 
-    `keys` holds the entity positions `(B, T, H, k)` (after the layer's flow: what neighbours are compared in),
-    `values` the entity values `(B, T, H, D)`, `log_weights` the log influence weights `(B, T, H)` and `memory` the
-    field-memory state (a dict of tensors, see `memory_dfn.py`). After `crop` the memory is marked stale and the
-    model rebuilds it exactly from the cached entities on the next forward.
+    `features` `(B, T, H, k + D + 1)` packs, per entity and head, the position after the layer's flow (what
+    neighbours are compared in), the value and the log influence weight: exactly what a neighbour lookup gathers.
+    It lives in a buffer whose capacity doubles when full, so appending one entity costs O(1) amortised instead of
+    a copy of the whole context. `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`). After
+    `crop` the memory is marked stale and the model rebuilds it exactly from the cached entities on the next forward.
     """
 
     is_croppable = True
     is_sliding = False
 
-    def __init__(self):
+    def __init__(self, pos_dim: int):
         super().__init__()
-        self.log_weights: torch.Tensor | None = None
+        self.pos_dim = pos_dim
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
         self.memory: dict | None = None
         self.memory_stale = False
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, _, heads, pos_dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, 0, heads, pos_dim)
-        self.values = value_states.new_zeros(batch, 0, heads, value_states.shape[-1])
-        self.log_weights = key_states.new_zeros(batch, 0, heads)
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        batch, _, heads, features = key_states.shape
+        self.buffer = key_states.new_zeros(batch, 64, heads, features)
+        self.length = 0
         self.is_initialized = True
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, log_weights: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append new entities; returns all (cached + new) positions, values and log weights."""
+    def update(self, key_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Append new entities' packed features `(B, N, H, F)`; returns all cached ones `(B, T + N, H, F)`."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states.detach()], dim=1)
-        self.values = torch.cat([self.values, value_states.detach()], dim=1)
-        self.log_weights = torch.cat([self.log_weights, log_weights.detach()], dim=1)
-        return self.keys, self.values, self.log_weights
+            self.lazy_initialization(key_states)
+        needed = self.length + key_states.shape[1]
+        if needed > self.buffer.shape[1]:
+            grown = self.buffer.new_zeros(
+                self.buffer.shape[0], max(needed, 2 * self.buffer.shape[1]), *self.buffer.shape[2:]
+            )
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+        self.buffer[:, self.length : needed] = key_states.detach()
+        self.length = needed
+        return self.features
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        return None if self.buffer is None else self.buffer[:, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """`(B, T, H, k)` cached entity positions."""
+        return self.features[..., : self.pos_dim]
+
+    @property
+    def entity_values(self) -> torch.Tensor:
+        """`(B, T, H, D)` cached entity values."""
+        return self.features[..., self.pos_dim : -1]
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """`(B, T, H)` cached log influence weights."""
+        return self.features[..., -1]
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+        return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.log_weights = self.memory = None
+        self.buffer, self.length, self.memory = None, 0, None
         self.memory_stale = False
         self.is_initialized = False
+
+    def offload(self):
+        raise NotImplementedError("DFNCache does not support offloading")
+
+    prefetch = offload
 
     def _apply(self, fn) -> None:
         """Apply `fn` to every batch-first tensor this layer holds."""
         if not self.is_initialized:
             return
-        self.keys, self.values, self.log_weights = fn(self.keys), fn(self.values), fn(self.log_weights)
+        self.buffer = fn(self.buffer)
         if self.memory is not None:
             self.memory = {name: fn(t) for name, t in self.memory.items()}
 
@@ -114,7 +144,7 @@ class DFNCache(Cache):
     """
 
     def __init__(self, config):
-        super().__init__(layers=[DFNCacheLayer() for _ in range(config.num_hidden_layers)])
+        super().__init__(layers=[DFNCacheLayer(config.pos_dim) for _ in range(config.num_hidden_layers)])
         self.signature = cache_signature(config)
         self.entity_mask: torch.Tensor | None = None
 

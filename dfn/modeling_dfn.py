@@ -22,7 +22,7 @@ from transformers.utils import can_return_tuple
 
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
-from .memory_dfn import NEG, initial_memory_state, memory_scan
+from .memory_dfn import NEG, initial_memory_state, memory_scan, squared_distance
 from .neighbors_dfn import causal_knn
 
 
@@ -179,22 +179,27 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
     def _mix_neighbors(self, positions, values, log_weights, key_mask, inv_two_var, cache_layer):
         """Gaussian-kernel average over the K nearest earlier entities: `(B, N, H, D)` and its log-normaliser."""
-        keys = (positions, values, log_weights)
-        if cache_layer is not None and cache_layer.get_seq_length() > 0:
-            past = (cache_layer.keys, cache_layer.values, cache_layer.log_weights)
-            keys = tuple(torch.cat([p, k], dim=1) for p, k in zip(past, keys, strict=True))
-        if cache_layer is not None:
-            cache_layer.update(positions, values, log_weights)
-        key_pos, key_val, key_log_w = keys
-        offset = key_pos.shape[1] - positions.shape[1]
+        new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)  # (B, N, H, k + D + 1)
+        if cache_layer is None:
+            features = new_features
+        elif new_features.requires_grad:  # keep the new entities' gradient path (the cache stores detached copies)
+            features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
+            cache_layer.update(new_features)
+        else:
+            features = cache_layer.update(new_features)
+        offset = features.shape[1] - positions.shape[1]
         indices, valid = causal_knn(
-            positions, key_pos.detach(), key_mask, self.config.num_neighbors, offset, self.config.neighbor_search
+            positions.detach(),
+            features[..., : self.pos_dim].detach(),
+            key_mask,
+            self.config.num_neighbors,
+            offset,
+            self.config.neighbor_search,
         )
-        features = torch.cat([key_pos, key_val, key_log_w.unsqueeze(-1)], dim=-1)  # (B, T, H, k + D + 1)
         near_pos, near_val, near_log_w = gather_neighbors(features, indices).split(
             [self.pos_dim, self.head_dim, 1], dim=-1
         )
-        dist2 = (positions.unsqueeze(3) - near_pos).pow(2).sum(-1)  # (B, N, H, K)
+        dist2 = squared_distance(positions.unsqueeze(3), near_pos)  # (B, N, H, K)
         logits = near_log_w.squeeze(-1) - dist2 * inv_two_var.view(1, 1, -1, 1)
         logits = logits.masked_fill(~valid, NEG)
         mixed = torch.einsum("bnhk,bnhkd->bnhd", torch.softmax(logits, dim=-1), near_val)
@@ -219,8 +224,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
         _, _, state = memory_scan(
             fresh,
-            cache_layer.keys[:, :length],
-            cache_layer.values[:, :length],
+            cache_layer.positions[:, :length],
+            cache_layer.entity_values[:, :length],
             cache_layer.log_weights[:, :length],
             past_ids,
             past_mask,
@@ -470,7 +475,9 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
         if labels is not None:
             expected = tuple(outputs.last_hidden_state.shape[:2])
             if tuple(labels.shape) != expected:
-                raise ValueError(f"labels must have shape (batch_size, sequence_length) = {expected}, got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"labels must have shape (batch_size, sequence_length) = {expected}, got {tuple(labels.shape)}"
+                )
             if logits_to_keep:
                 raise ValueError("labels cannot be combined with logits_to_keep")
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
