@@ -25,6 +25,9 @@ from .configuration_dfn import DFNConfig
 from .memory_dfn import NEG, initial_memory_state, memory_scan, squared_distance
 from .neighbors_dfn import causal_knn
 
+# queries whose neighbours are gathered at once: bounds the (B, n, H, K, k + D + 1) gather at long lengths
+QUERY_CHUNK = 4096
+
 
 @dataclass
 class DFNModelOutput(BaseModelOutputWithPast):
@@ -196,10 +199,24 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             offset,
             self.config.neighbor_search,
         )
+        pieces = [
+            self._kernel_average(
+                positions[:, i : i + QUERY_CHUNK],
+                features,
+                indices[:, i : i + QUERY_CHUNK],
+                valid[:, i : i + QUERY_CHUNK],
+                inv_two_var,
+            )
+            for i in range(0, positions.shape[1], QUERY_CHUNK)
+        ]
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces, strict=True))
+
+    def _kernel_average(self, positions, features, indices, valid, inv_two_var):
+        """Kernel-weighted average of the chosen neighbours of `(B, n, H, k)` queries: `(B, n, H, D)`, `(B, n, H)`."""
         near_pos, near_val, near_log_w = gather_neighbors(features, indices).split(
             [self.pos_dim, self.head_dim, 1], dim=-1
         )
-        dist2 = squared_distance(positions.unsqueeze(3), near_pos)  # (B, N, H, K)
+        dist2 = squared_distance(positions.unsqueeze(3), near_pos)  # (B, n, H, K)
         logits = near_log_w.squeeze(-1) - dist2 * inv_two_var.view(1, 1, -1, 1)
         logits = logits.masked_fill(~valid, NEG)
         mixed = torch.einsum("bnhk,bnhkd->bnhd", torch.softmax(logits, dim=-1), near_val)

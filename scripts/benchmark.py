@@ -1,0 +1,336 @@
+"""Scaling benchmark: DFN against a same-parameter-count LlamaForCausalLM (sdpa), side by side in one run.
+
+For each sequence length it measures forward time, forward+backward time and peak memory of both models on the same
+random byte inputs, and cached decoding latency per token at several context lengths. Each measurement runs in a
+fresh subprocess (except with --quick) so that peak memory (RSS on CPU; allocated/reserved on GPU) belongs to that measurement alone.
+Prints a table, fitted scaling exponents, DFN/Llama ratios, machine, threads and versions; writes JSON and a
+log-log PNG. The baseline is skipped (and marked) where its predicted time or memory exceeds the caps.
+
+    python scripts/benchmark.py --quick                      # seconds: the test suite runs this
+    python scripts/benchmark.py                              # CPU: 512 .. 131072 bytes (long)
+    python scripts/benchmark.py --device cuda --max-length 1048576
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=131072)
+    parser.add_argument("--train-max-length", type=int, default=32768, help="longest forward+backward measured")
+    parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--num-neighbors", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-time-cap", type=float, default=120.0, help="seconds per baseline call")
+    parser.add_argument("--baseline-mem-cap", type=float, default=16.0, help="GiB per baseline measurement")
+    parser.add_argument("--out-dir", default="outputs/benchmark")
+    parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.min_length, args.max_length, args.train_max_length = 256, 512, 512
+        args.decode_contexts, args.decode_steps, args.repeats = "128,256", 4, 1
+        args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
+    return args
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_model(kind: str, args):
+    """DFN, or a Llama whose MLP width is chosen so that both have (nearly) the same parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dfn import DFNConfig, DFNForCausalLM
+
+    dfn_config = DFNConfig(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_neighbors=args.num_neighbors,
+    )
+    if kind == "dfn":
+        return DFNForCausalLM(dfn_config)
+    target = sum(p.numel() for p in DFNForCausalLM(dfn_config).parameters())
+    d, layers, vocab = args.hidden_size, args.layers, dfn_config.vocab_size
+    fixed = vocab * d + layers * (4 * d * d + 2 * d) + d  # tied embeddings, attention, norms
+    intermediate = max(8, round((target - fixed) / (3 * d * layers)))
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.max_length, 4096) * 2,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def peak_memory(device) -> dict:
+    if device.type == "cuda":
+        return {
+            "allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    import resource
+
+    return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median wall seconds of `fn()` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def worker(spec: dict, args) -> dict:
+    """One measurement in this (fresh) process: `spec` = {kind, mode: "forward"|"train"|"decode", length}."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = build_model(spec["kind"], args).to(device)
+    ids = torch.randint(0, 256, (1, spec["length"]), device=device)
+    result = {"params": sum(p.numel() for p in model.parameters())}
+    if spec["mode"] == "forward":
+        model.eval()
+        with torch.no_grad():
+            result["seconds"] = timed(lambda: model(ids, use_cache=False), device, args.repeats)
+    elif spec["mode"] == "train":
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, use_cache=False).loss.backward()
+
+        result["seconds"] = timed(step, device, args.repeats)
+    else:
+        model.eval()
+        with torch.no_grad():
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            cache, token = out.cache, out.logits.argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.decode_steps):
+                out = model(token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            result["ms_per_token"] = 1000 * (time.perf_counter() - start) / args.decode_steps
+    result.update(peak_memory(device))
+    return result
+
+
+def run_worker(spec: dict, args, argv: list[str]) -> dict:
+    """Run one measurement in a fresh process (in this one with --quick: memory figures are then process-wide)."""
+    if args.quick:
+        return worker(spec, args)
+    command = [sys.executable, __file__, *argv, "--worker", json.dumps(spec)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def predicted_exceeds(previous: dict | None, factor: float, args) -> bool:
+    """Whether the baseline's next measurement would pass a cap, extrapolating quadratically in length."""
+    if previous is None or "error" in previous:
+        return False
+    seconds = previous.get("seconds", previous.get("ms_per_token", 0) / 1000)
+    memory = previous.get("rss_gib", previous.get("allocated_gib", 0))
+    return seconds * factor**2 > args.baseline_time_cap or memory * factor**2 > args.baseline_mem_cap
+
+
+def sweep(args, argv) -> dict:
+    from tqdm import tqdm
+
+    lengths = [2**p for p in range(int(math.log2(args.min_length)), int(math.log2(args.max_length)) + 1)]
+    contexts = [int(c) for c in args.decode_contexts.split(",")]
+    jobs = [
+        (mode, n) for n in lengths for mode in ("forward", "train") if mode == "forward" or n <= args.train_max_length
+    ]
+    jobs += [("decode", c) for c in contexts]
+    results = {kind: {mode: {} for mode in ("forward", "train", "decode")} for kind in ("dfn", "llama")}
+    last = {}
+    for mode, n in tqdm(jobs, desc="benchmark", unit="run"):
+        for kind in ("dfn", "llama"):
+            previous = last.get((kind, mode))
+            factor = n / previous[0] if previous else 1.0
+            if kind == "llama" and predicted_exceeds(previous and previous[1], factor, args):
+                results[kind][mode][n] = {"skipped": "predicted to exceed the time/memory cap"}
+                continue
+            if previous and "skipped" in results[kind][mode].get(previous[0], {}):
+                results[kind][mode][n] = {"skipped": "a shorter length was skipped"}
+                continue
+            results[kind][mode][n] = run_worker({"kind": kind, "mode": mode, "length": n}, args, argv)
+            last[(kind, mode)] = (n, results[kind][mode][n])
+    return results
+
+
+def fitted_exponent(curve: dict, key: str, min_length: int) -> float | None:
+    """Slope of log(value) against log(length) over the measured points at or above `min_length`."""
+    points = [(math.log(n), math.log(r[key])) for n, r in curve.items() if key in r and n >= min_length and r[key] > 0]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+
+
+def environment(args) -> dict:
+    import transformers
+
+    info = {
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": args.device,
+    }
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def memory_key(result: dict) -> str:
+    return "rss_gib" if "rss_gib" in result else "allocated_gib"
+
+
+def print_report(results: dict, env: dict, args) -> dict:
+    print("\n" + "  ".join(f"{k}={v}" for k, v in env.items()))
+    print(
+        f"DFN params {next(iter(results['dfn']['forward'].values())).get('params')}, "
+        f"Llama params {next(iter(results['llama']['forward'].values())).get('params')}"
+    )
+    header = f"{'mode':8} {'length':>8} {'DFN':>12} {'Llama':>12} {'Llama/DFN':>10} {'DFN mem':>9} {'Llama mem':>9}"
+    print(header + "\n" + "-" * len(header))
+    for mode, key, unit in (("forward", "seconds", "s"), ("train", "seconds", "s"), ("decode", "ms_per_token", "ms")):
+        for n, d in results["dfn"][mode].items():
+            b = results["llama"][mode].get(n, {})
+
+            def show(r):
+                if key in r:
+                    return f"{r[key]:.4g}{unit}"
+                return "skipped" if "skipped" in r else "error"
+
+            ratio = f"{b[key] / d[key]:.2f}x" if key in b and key in d else "-"
+            mem_d = f"{d[memory_key(d)]:.2f}G" if memory_key(d) in d else "-"
+            mem_b = f"{b[memory_key(b)]:.2f}G" if memory_key(b) in b else "-"
+            print(f"{mode:8} {n:>8} {show(d):>12} {show(b):>12} {ratio:>10} {mem_d:>9} {mem_b:>9}")
+    exponents = {}
+    fit_from = 4096 if args.max_length >= 16384 else args.min_length
+    for kind in ("dfn", "llama"):
+        for mode, key in (("forward", "seconds"), ("train", "seconds"), ("decode", "ms_per_token")):
+            exponents[f"{kind}_{mode}"] = fitted_exponent(results[kind][mode], key, fit_from)
+        exponents[f"{kind}_forward_memory"] = fitted_exponent(
+            results[kind]["forward"], memory_key(next(iter(results[kind]["forward"].values()))), fit_from
+        )
+    print(f"\nfitted scaling exponents (log-log slope, lengths >= {fit_from}):")
+    for name, value in exponents.items():
+        print(f"  {name:24} {'-' if value is None else f'{value:.3f}'}")
+    for name, rows in (
+        (
+            "errors",
+            [
+                (k, m, n, r["error"])
+                for k in results
+                for m in results[k]
+                for n, r in results[k][m].items()
+                if "error" in r
+            ],
+        ),
+    ):
+        for row in rows:
+            print(f"{name}: {row}")
+    return exponents
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("forward", "seconds", "forward time (s)"),
+        ("train", "seconds", "forward+backward time (s)"),
+        ("forward", None, "peak memory, forward (GiB)"),
+        ("decode", "ms_per_token", "decode latency (ms/token)"),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (mode, key, title) in zip(axes, panels, strict=True):
+        for kind, style in (("dfn", "o-"), ("llama", "s--")):
+            curve = results[kind][mode]
+            points = [(n, r[key or memory_key(r)]) for n, r in curve.items() if (key or memory_key(r)) in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label="DFN" if kind == "dfn" else "Llama (sdpa)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (bytes)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), args)))
+        return
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = sweep(args, argv)
+    env = environment(args)
+    exponents = print_report(results, env, args)
+    report = {"environment": env, "args": vars(args), "results": results, "exponents": exponents}
+    (out_dir / "benchmark.json").write_text(json.dumps(report, indent=2))
+    plot(results, out_dir / "scaling.png")
+    print(f"\nwrote {out_dir / 'benchmark.json'} and {out_dir / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main()
