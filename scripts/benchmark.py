@@ -2,9 +2,9 @@
 
 For each sequence length it measures forward time, forward+backward time and peak memory of both models on the same
 random byte inputs, and cached decoding latency per token at several context lengths. Each measurement runs in a
-fresh subprocess (except with --quick) so that peak memory (RSS on CPU; allocated/reserved on GPU) belongs to that measurement alone.
-Prints a table, fitted scaling exponents, DFN/Llama ratios, machine, threads and versions; writes JSON and a
-log-log PNG. The baseline is skipped (and marked) where its predicted time or memory exceeds the caps.
+fresh subprocess (except with --quick) so that peak memory (RSS on CPU; allocated/reserved on GPU) belongs to that
+measurement alone. Prints a table, fitted scaling exponents, DFN/Llama ratios, machine, threads and versions;
+writes JSON and a log-log PNG. The baseline is skipped (and marked) where its predicted time or memory exceeds the caps.
 
     python scripts/benchmark.py --quick                      # seconds: the test suite runs this
     python scripts/benchmark.py                              # CPU: 512 .. 131072 bytes (long)
@@ -237,6 +237,12 @@ def memory_key(result: dict) -> str:
     return "rss_gib" if "rss_gib" in result else "allocated_gib"
 
 
+def show(result: dict, key: str, unit: str) -> str:
+    if key in result:
+        return f"{result[key]:.4g}{unit}"
+    return "skipped" if "skipped" in result else "error"
+
+
 def print_report(results: dict, env: dict, args) -> dict:
     print("\n" + "  ".join(f"{k}={v}" for k, v in env.items()))
     print(
@@ -249,15 +255,12 @@ def print_report(results: dict, env: dict, args) -> dict:
         for n, d in results["dfn"][mode].items():
             b = results["llama"][mode].get(n, {})
 
-            def show(r):
-                if key in r:
-                    return f"{r[key]:.4g}{unit}"
-                return "skipped" if "skipped" in r else "error"
-
             ratio = f"{b[key] / d[key]:.2f}x" if key in b and key in d else "-"
             mem_d = f"{d[memory_key(d)]:.2f}G" if memory_key(d) in d else "-"
             mem_b = f"{b[memory_key(b)]:.2f}G" if memory_key(b) in b else "-"
-            print(f"{mode:8} {n:>8} {show(d):>12} {show(b):>12} {ratio:>10} {mem_d:>9} {mem_b:>9}")
+            print(
+                f"{mode:8} {n:>8} {show(d, key, unit):>12} {show(b, key, unit):>12} {ratio:>10} {mem_d:>9} {mem_b:>9}"
+            )
     exponents = {}
     fit_from = 4096 if args.max_length >= 16384 else args.min_length
     for kind in ("dfn", "llama"):
