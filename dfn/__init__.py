@@ -3,15 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .cache_dfn import DFNCache
-from .configuration_dfn import DFNConfig
+from .configuration_dfn import AUTO_MAP, DFNConfig
 from .modeling_dfn import DFNForCausalLM, DFNModel, DFNPreTrainedModel
 from .tokenization_dfn import DFNByteTokenizer
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_dfn.DFNConfig",
-    "AutoModel": "modeling_dfn.DFNModel",
-    "AutoModelForCausalLM": "modeling_dfn.DFNForCausalLM",
-}
 
 AutoConfig.register("dfn", DFNConfig, exist_ok=True)
 AutoModel.register(DFNConfig, DFNModel, exist_ok=True)

@@ -4,6 +4,12 @@ from transformers import PreTrainedConfig
 
 LAYER_VARIANTS = ("residual", "seed")
 NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
+# written into every saved config so that the Auto classes find the remote code of a checkpoint folder
+AUTO_MAP = {
+    "AutoConfig": "configuration_dfn.DFNConfig",
+    "AutoModel": "modeling_dfn.DFNModel",
+    "AutoModelForCausalLM": "modeling_dfn.DFNForCausalLM",
+}
 
 
 class DFNConfig(PreTrainedConfig):
@@ -98,6 +104,7 @@ class DFNConfig(PreTrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate_dfn()
 
@@ -172,4 +179,4 @@ class DFNConfig(PreTrainedConfig):
                 )
 
 
-__all__ = ["DFNConfig"]
+__all__ = ["AUTO_MAP", "DFNConfig"]

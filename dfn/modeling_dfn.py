@@ -10,9 +10,11 @@ D head_dim, E hidden_size, M memory slots.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -264,6 +266,28 @@ class DFNPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own DFNCache
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a corrupt weights file or missing weights raise an error that
+        names the file or the weights, instead of a bare deserialisation error or a warning and random weights."""
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            files = ", ".join(sorted(str(p) for p in Path(str(pretrained_model_name_or_path)).glob("*.safetensors")))
+            raise OSError(
+                f"The weights of {pretrained_model_name_or_path} cannot be read: {files or 'the safetensors file'} "
+                f"is corrupt or truncated ({error})"
+            ) from error
+        if info["missing_keys"]:
+            raise OSError(
+                f"The checkpoint {pretrained_model_name_or_path} lacks weights this {cls.__name__} needs: "
+                f"{sorted(info['missing_keys'])[:10]} (incompatible or incomplete checkpoint)"
+            )
+        return (model, info) if return_info else model
 
     def _init_weights(self, module):
         super()._init_weights(module)
