@@ -1,6 +1,6 @@
 """Generation cache of DFN: per layer the entity positions, values, influence weights and the field memory.
 
-Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, D head_dim, M memory slots.
+Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, D head_dim, F = k + D + 1.
 """
 
 import torch
@@ -23,11 +23,12 @@ def cache_signature(config) -> dict:
 class DFNCacheLayer(CacheLayerMixin):
     """One layer's cache.
 
-    `features` `(B, T, H, k + D + 1)` packs, per entity and head, the position after the layer's flow (what
-    neighbours are compared in), the value and the log influence weight: exactly what a neighbour lookup gathers.
-    It lives in a buffer whose capacity doubles when full, so appending one entity costs O(1) amortised instead of
-    a copy of the whole context. `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`). After
-    `crop` the memory is marked stale and the model rebuilds it exactly from the cached entities on the next forward.
+    `features` `(B, T, H, F)` packs, per entity and head, the position after the layer's flow (what neighbours are
+    compared in), the value and the log influence weight: exactly what a neighbour lookup gathers. The entities live
+    in `buffer[:, start:end]`; appending compacts or doubles the buffer only when it is full, so one decoding step
+    costs O(1) amortised instead of a copy of the whole context. `trim(window)` drops all but the last `window`
+    entities (bounded mode). `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`); after
+    `crop` it is marked stale and the model rebuilds it exactly from the cached entities on the next forward.
     """
 
     is_croppable = True
@@ -37,34 +38,43 @@ class DFNCacheLayer(CacheLayerMixin):
         super().__init__()
         self.pos_dim = pos_dim
         self.buffer: torch.Tensor | None = None
-        self.length = 0
+        self.start = self.end = 0
         self.memory: dict | None = None
         self.memory_stale = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        batch, _, heads, features = key_states.shape
-        self.buffer = key_states.new_zeros(batch, 64, heads, features)
-        self.length = 0
+        batch, length, heads, features = key_states.shape
+        self.buffer = key_states.new_zeros(batch, max(64, length), heads, features)
+        self.start = self.end = 0
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Append new entities' packed features `(B, N, H, F)`; returns all cached ones `(B, T + N, H, F)`."""
         if not self.is_initialized:
             self.lazy_initialization(key_states)
-        needed = self.length + key_states.shape[1]
-        if needed > self.buffer.shape[1]:
-            grown = self.buffer.new_zeros(
-                self.buffer.shape[0], max(needed, 2 * self.buffer.shape[1]), *self.buffer.shape[2:]
-            )
-            grown[:, : self.length] = self.buffer[:, : self.length]
-            self.buffer = grown
-        self.buffer[:, self.length : needed] = key_states.detach()
-        self.length = needed
+        count = key_states.shape[1]
+        if self.end + count > self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
+            kept, capacity = self.length, self.buffer.shape[1]
+            if 2 * (kept + count) > capacity:
+                capacity = max(kept + count, 2 * capacity)
+            grown = self.buffer.new_zeros(self.buffer.shape[0], capacity, *self.buffer.shape[2:])
+            grown[:, :kept] = self.buffer[:, self.start : self.end]
+            self.buffer, self.start, self.end = grown, 0, kept
+        self.buffer[:, self.end : self.end + count] = key_states.detach()
+        self.end += count
         return self.features
+
+    def trim(self, window: int) -> None:
+        """Keep only the last `window` entities."""
+        self.start = max(self.start, self.end - window)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
     @property
     def features(self) -> torch.Tensor | None:
-        return None if self.buffer is None else self.buffer[:, : self.length]
+        return None if self.buffer is None else self.buffer[:, self.start : self.end]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -91,7 +101,8 @@ class DFNCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.length, self.memory = None, 0, None
+        self.buffer, self.memory = None, None
+        self.start = self.end = 0
         self.memory_stale = False
         self.is_initialized = False
 
@@ -123,12 +134,7 @@ class DFNCacheLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of entities to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        keep = max(self.get_seq_length() + tokens_to_remove, 0)
-        self.keys, self.values, self.log_weights = (
-            self.keys[:, :keep],
-            self.values[:, :keep],
-            self.log_weights[:, :keep],
-        )
+        self.end = max(self.end + tokens_to_remove, self.start)
         if self.memory is not None:
             self.memory, self.memory_stale = None, True
 
@@ -136,17 +142,31 @@ class DFNCacheLayer(CacheLayerMixin):
 class DFNCache(Cache):
     """Cache of a [`DFNModel`] for incremental decoding and reading documents in segments.
 
-    Besides one [`DFNCacheLayer`] per layer it holds `entity_mask` `(B, T)`: which cached entities are real (not
-    padding). Real-entity counts, hence time coordinates and memory-chunk boundaries, derive from it.
+    Besides one [`DFNCacheLayer`] per layer it holds `entity_mask` `(B, T)` (which cached entities are real, not
+    padding), the number of real entities seen per row (time coordinates and memory-chunk boundaries derive from
+    it) and the total number of entities seen.
 
     Args:
         config: the model's config; a cache only fits models whose `cache_signature` matches.
+        window (`int`, *optional*): bounded mode: after each forward only the last `window` entities per layer
+            are kept (plus the field memory), so a document of any length is read in constant memory. Entities of
+            one call still see each other and the kept window; results then differ from a full pass once
+            neighbours fall out of the window. `None` (default) keeps everything and matches a full pass exactly.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, window: int | None = None):
         super().__init__(layers=[DFNCacheLayer(config.pos_dim) for _ in range(config.num_hidden_layers)])
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"DFNCache window must be None or an integer >= 1, got {window!r}")
         self.signature = cache_signature(config)
+        self.window = window
         self.entity_mask: torch.Tensor | None = None
+        self.real_seen: torch.Tensor | None = None
+        self.seen = 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.window is None
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Raise a clear error if this cache was made for another model or another batch."""
@@ -160,44 +180,60 @@ class DFNCache(Cache):
             )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.entity_mask is None else self.entity_mask.shape[1]
+        """All entities seen so far (also those a bounded cache has dropped)."""
+        return self.seen
 
     def real_lengths(self, batch_size: int, device) -> torch.Tensor:
         """`(B,)` number of real (non-padding) entities seen so far per row."""
-        if self.entity_mask is None:
+        if self.real_seen is None:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
-        return self.entity_mask.sum(1)
+        return self.real_seen
 
     def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """Append the new entities' mask `(B, N)`; returns the full mask `(B, T + N)`."""
+        """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""
         mask = mask.bool()
         self.entity_mask = mask if self.entity_mask is None else torch.cat([self.entity_mask, mask], 1)
+        self.real_seen = mask.sum(1) if self.real_seen is None else self.real_seen + mask.sum(1)
+        self.seen += mask.shape[1]
         return self.entity_mask
 
-    def _apply_mask(self, fn) -> None:
+    def trim(self) -> None:
+        """Bounded mode: drop all but the last `window` entities (called after each forward)."""
+        if self.window is None or self.entity_mask is None:
+            return
+        self.entity_mask = self.entity_mask[:, -self.window :]
+        for layer in self.layers:
+            layer.trim(self.window)
+
+    def _apply_rows(self, fn) -> None:
         if self.entity_mask is not None:
-            self.entity_mask = fn(self.entity_mask)
+            self.entity_mask, self.real_seen = fn(self.entity_mask), fn(self.real_seen)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        self._apply_mask(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._apply_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        self._apply_mask(lambda t: t[indices])
+        self._apply_rows(lambda t: t[indices])
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self._apply_mask(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._apply_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
+        if not self.is_croppable:
+            raise ValueError("A bounded DFNCache (window set) cannot be cropped: the dropped entities are gone")
         super().crop(tokens_to_remove)
-        if tokens_to_remove < 0:
-            self._apply_mask(lambda t: t[:, : max(t.shape[1] + tokens_to_remove, 0)])
+        if tokens_to_remove < 0 and self.entity_mask is not None:
+            keep = max(self.seen + tokens_to_remove, 0)
+            self.real_seen = self.real_seen - self.entity_mask[:, keep:].sum(1)
+            self.entity_mask, self.seen = self.entity_mask[:, :keep], keep
 
     def reset(self):
         super().reset()
-        self.entity_mask = None
+        self.entity_mask = self.real_seen = None
+        self.seen = 0
 
 
 __all__ = ["DFNCache", "DFNCacheLayer", "cache_signature"]

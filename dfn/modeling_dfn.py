@@ -390,6 +390,8 @@ class DFNModel(DFNPreTrainedModel):
             if output_positions:
                 all_positions += (positions,)
         hidden_states = self.norm(hidden_states)
+        if cache is not None:
+            cache.trim()
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden_states,)
         return DFNModelOutput(
@@ -447,7 +449,8 @@ class DFNModel(DFNPreTrainedModel):
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 and 1")
         mask = attention_mask.bool()
-        if past_length and cache.entity_mask is not None and not torch.equal(mask[:, :past_length], cache.entity_mask):
+        kept = cache.entity_mask if past_length else None
+        if kept is not None and not torch.equal(mask[:, past_length - kept.shape[1] : past_length], kept):
             raise ValueError("attention_mask disagrees with the cache about which past entities are padding")
         if not bool(mask.any(1).all()):
             raise ValueError("attention_mask has a row with no real entity (all zeros)")
