@@ -155,8 +155,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
         mixed, log_norm = self._mix_neighbors(positions, values, log_weights, key_mask, inv_two_var, cache_layer)
         if self.config.use_memory and bool(entity_mask.any()):
-            state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], batch)
             params = self._memory_params(inv_two_var)
+            state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], params)
             mem, mem_log_norm, state = memory_scan(
                 state,
                 positions,
@@ -231,24 +231,22 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             "inv_two_var": inv_two_var,
         }
 
-    def _memory_state(self, cache_layer, past_mask: torch.Tensor, batch: int) -> dict:
-        """The memory as it stands before the new entities: fresh, from the cache, or rebuilt after a crop."""
-        fresh = initial_memory_state(self.memory_pos.float(), self.memory_val.float(), batch)
+    def _memory_state(self, cache_layer, past_mask: torch.Tensor, params: dict) -> dict:
+        """The memory as it stands before the new entities: from the cache, fresh, or rebuilt after a crop."""
+        if cache_layer is not None and cache_layer.memory is not None and not cache_layer.memory_stale:
+            return cache_layer.memory
+        fresh = initial_memory_state(self.memory_pos.float(), self.memory_val.float(), past_mask.shape[0])
         if cache_layer is None or not bool(past_mask.any()):
             return fresh
-        if cache_layer.memory is not None and not cache_layer.memory_stale:
-            return cache_layer.memory
         length = past_mask.shape[1]
-        past_ids = past_mask.long().cumsum(1) - 1
-        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
         _, _, state = memory_scan(
             fresh,
             cache_layer.positions[:, :length],
             cache_layer.entity_values[:, :length],
             cache_layer.log_weights[:, :length],
-            past_ids,
+            past_mask.long().cumsum(1) - 1,
             past_mask,
-            self._memory_params(inv_two_var),
+            params,
             self.config.memory_chunk_size,
             read=False,
         )
