@@ -39,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--num-neighbors", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--long-length", type=int, default=16384, help="from this length on: one timed call, no warm-up"
+    )
     parser.add_argument("--baseline-time-cap", type=float, default=120.0, help="seconds per baseline call")
     parser.add_argument("--baseline-mem-cap", type=float, default=16.0, help="GiB per baseline measurement")
     parser.add_argument("--out-dir", default="outputs/benchmark")
@@ -98,9 +101,13 @@ def peak_memory(device) -> dict:
     return {"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median wall seconds of `fn()` after one warm-up call."""
-    fn()
+def timed(fn, device, repeats: int, long_run: bool) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after a warm-up call; a single call for long runs,
+    where one call lasts seconds to minutes and warm-up effects are negligible."""
+    if long_run:
+        repeats = 1
+    else:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -120,10 +127,11 @@ def worker(spec: dict, args) -> dict:
     model = build_model(spec["kind"], args).to(device)
     ids = torch.randint(0, 256, (1, spec["length"]), device=device)
     result = {"params": sum(p.numel() for p in model.parameters())}
+    long_run = spec["length"] >= args.long_length
     if spec["mode"] == "forward":
         model.eval()
         with torch.no_grad():
-            result["seconds"] = timed(lambda: model(ids, use_cache=False), device, args.repeats)
+            result["seconds"] = timed(lambda: model(ids, use_cache=False), device, args.repeats, long_run)
     elif spec["mode"] == "train":
         model.train()
 
@@ -131,7 +139,7 @@ def worker(spec: dict, args) -> dict:
             model.zero_grad(set_to_none=True)
             model(ids, labels=ids, use_cache=False).loss.backward()
 
-        result["seconds"] = timed(step, device, args.repeats)
+        result["seconds"] = timed(step, device, args.repeats, long_run)
     else:
         model.eval()
         with torch.no_grad():
