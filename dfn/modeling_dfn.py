@@ -27,7 +27,8 @@ from .configuration_dfn import DFNConfig
 from .memory_dfn import NEG, initial_memory_state, memory_scan, squared_distance
 from .neighbors_dfn import causal_knn
 
-# queries whose neighbours are gathered at once: bounds the (B, n, H, K, k + D + 1) gather at long lengths
+# entities processed at once by the neighbour gather and the MLP: bounds the (B, n, H, K, k + D + 1) gather and
+# the MLP intermediate at long lengths
 QUERY_CHUNK = 4096
 
 
@@ -72,7 +73,8 @@ def make_norm(config) -> nn.Module:
 
 
 class DFNMLP(nn.Module):
-    """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`."""
+    """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`, applied in sequence chunks of `QUERY_CHUNK` entities so that the
+    `(B, N, mlp_ratio * E)` intermediate never exists whole at long lengths."""
 
     def __init__(self, config):
         super().__init__()
@@ -82,7 +84,8 @@ class DFNMLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+        chunks = [self.down_proj(F.gelu(self.up_proj(part))) for part in x.split(QUERY_CHUNK, dim=1)]
+        return self.dropout(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
 
 
 def gather_neighbors(keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
