@@ -20,12 +20,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
 from .memory_dfn import NEG, initial_memory_state, memory_scan, squared_distance
 from .neighbors_dfn import causal_knn
+
+logger = logging.get_logger(__name__)
 
 # entities processed at once by the neighbour gather and the MLP: bounds the (B, n, H, K, k + D + 1) gather and
 # the MLP intermediate at long lengths
@@ -110,11 +112,12 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             config.hidden_size // config.num_attention_heads,
         )
         self.num_heads, self.pos_dim, self.head_dim = heads, pos_dim, head_dim
-        self.input_norm = make_norm(config)
-        self.flow_proj = nn.Linear(config.hidden_size, heads * pos_dim, bias=False)
+        self.input_norm = make_norm(config) if config.layer_variant == "residual" else nn.Identity()
         self.influence_proj = nn.Linear(config.hidden_size, heads)
         self.value_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.flow_alpha = nn.Parameter(torch.full((heads,), float(config.flow_alpha_init)))
+        if config.use_flow:
+            self.flow_proj = nn.Linear(config.hidden_size, heads * pos_dim, bias=False)
+            self.flow_alpha = nn.Parameter(torch.full((heads,), float(config.flow_alpha_init)))
         self.log_kernel_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
         self.mix_dropout = nn.Dropout(config.dropout)
         self.mlp = DFNMLP(config)
@@ -148,7 +151,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             new states `(B, N, E)` and moved positions `(B, N, H, k)`.
         """
         batch, length, _ = hidden_states.shape
-        x = self.input_norm(hidden_states) if self.output_norm is None else hidden_states
+        x = self.input_norm(hidden_states)
         if self.config.use_flow:
             flow = self.flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
             positions = positions + self.flow_alpha.view(1, 1, -1, 1) * flow
@@ -262,7 +265,6 @@ class DFNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DFNFlowLayer"]
-    _is_stateful = True
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -296,7 +298,8 @@ class DFNPreTrainedModel(PreTrainedModel):
         if isinstance(module, DFNFlowNorm):
             init.ones_(module.weight)
         elif isinstance(module, DFNFlowLayer):
-            init.constant_(module.flow_alpha, float(config.flow_alpha_init))
+            if config.use_flow:
+                init.constant_(module.flow_alpha, float(config.flow_alpha_init))
             init.constant_(module.log_kernel_width, math.log(config.kernel_width_init))
             init.normal_(
                 module.mlp.down_proj.weight, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
@@ -369,12 +372,12 @@ class DFNModel(DFNPreTrainedModel):
             use_cache = False
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
-        if use_cache and cache is None:
-            cache = DFNCache(self.config)
         if cache is not None:
             cache.check_compatible(self.config, batch)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        entity_mask = self._entity_mask(attention_mask, cache, batch, length, past_length, inputs_embeds.device)
+        # a row may have no real entity yet only while a document is read in segments into a given cache
+        entity_mask = self._entity_mask(attention_mask, cache, batch, length, inputs_embeds.device)
+        if use_cache and cache is None:
+            cache = DFNCache(self.config)
         past_real = cache.real_lengths(batch, inputs_embeds.device) if cache is not None else 0
         position_ids = entity_mask.long().cumsum(1).sub(1).clamp_min(0) + torch.as_tensor(past_real).view(-1, 1)
         key_mask = cache.append_mask(entity_mask) if cache is not None else entity_mask
@@ -438,10 +441,11 @@ class DFNModel(DFNPreTrainedModel):
         return inputs_embeds
 
     @staticmethod
-    def _entity_mask(attention_mask, cache, batch, length, past_length, device) -> torch.Tensor:
+    def _entity_mask(attention_mask, cache, batch, length, device) -> torch.Tensor:
         """Validate `attention_mask` `(B, past + N)` against the cache; return the new entities' mask `(B, N)`."""
         if attention_mask is None:
             return torch.ones(batch, length, dtype=torch.bool, device=device)
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, past_length + length):
             raise ValueError(
                 f"attention_mask must have shape (batch_size, cache_length + sequence_length) = "
@@ -452,8 +456,12 @@ class DFNModel(DFNPreTrainedModel):
         mask = attention_mask.bool()
         kept = cache.entity_mask if past_length else None
         if kept is not None and not torch.equal(mask[:, past_length - kept.shape[1] : past_length], kept):
-            raise ValueError("attention_mask disagrees with the cache about which past entities are padding")
-        if not bool(mask.any(1).all()):
+            # e.g. generate() continuing from a cache re-derives the mask from pad tokens written after an eos
+            logger.warning_once(
+                "attention_mask disagrees with the cache about which past entities are padding; the cache's record "
+                "(how those entities were processed) is kept"
+            )
+        if cache is None and not bool(mask.any(1).all()):
             raise ValueError("attention_mask has a row with no real entity (all zeros)")
         new = mask[:, past_length:]
         if not bool(new.any()):

@@ -1,0 +1,115 @@
+"""Shared tiny configs and helpers for the model, cache/generation, error and remote-code tests.
+
+All model tests run in fp32 on tiny configs (hidden 32, 2 layers, 2 heads, K 4, 3 memory slots, memory chunks of
+5-8 entities) with sequences of at most 40 entities, so that every sequence crosses several memory chunks.
+The weights are perturbed away from the (near-zero) initialisation so that flow, influence weights, kernel widths
+and memory all matter and greedy decoding does not collapse to one repeated byte.
+"""
+
+import pytest
+import torch
+
+from dfn import DFNConfig, DFNForCausalLM
+
+# The tensors here are tiny: one thread is many times faster than two on a shared 2-core machine.
+torch.set_num_threads(1)
+
+VOCAB_BYTES = 256  # ids 0-255 are bytes; 256 pad, 257 bos, 258 eos
+PAD_ID = 256
+EOS_ID = 258
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_neighbors=4,
+    memory_slots=3,
+    memory_chunk_size=6,
+    mlp_ratio=2.0,
+    kernel_width_init=0.7,
+    time_scale_min=0.3,
+    time_scale_max=1.0,
+    flow_alpha_init=0.5,
+    initializer_range=0.2,
+)
+
+# name -> overrides of TINY; together they cover pos_dim 1/3, memory on/off, both layer variants, flow on/off and
+# FlowNorm off, memory chunk sizes 5-8 and both the default ("auto") and the explicit reference neighbour search.
+CONFIGS = {
+    "k3-mem-residual": dict(pos_dim=3, use_memory=True, layer_variant="residual", memory_chunk_size=6),
+    "k1-mem-seed": dict(pos_dim=1, use_memory=True, layer_variant="seed", memory_chunk_size=5),
+    "k3-nomem-seed": dict(pos_dim=3, use_memory=False, layer_variant="seed", neighbor_search="reference"),
+    "k1-noflow-nonorm-residual": dict(
+        pos_dim=1, use_memory=True, use_flow=False, use_flownorm=False, layer_variant="residual", memory_chunk_size=8
+    ),
+}
+# a smaller set for the slower generate()-based tests
+GEN_CONFIGS = ["k3-mem-residual", "k1-mem-seed", "k3-nomem-seed"]
+
+
+def tiny_config(name: str = "k3-mem-residual", **overrides) -> DFNConfig:
+    return DFNConfig(**{**TINY, **CONFIGS[name], **overrides})
+
+
+def make_model(config: DFNConfig, seed: int = 0, noise: float | None = None) -> DFNForCausalLM:
+    """A tiny fp32 model in eval mode whose every parameter is perturbed (deterministically per seed)."""
+    if noise is None:
+        noise = 0.3 if config.use_flownorm else 0.2  # without FlowNorm, larger weights blow the logits up
+    torch.manual_seed(seed)
+    model = DFNForCausalLM(config).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("flow_alpha") or name.endswith("log_kernel_width") or name.endswith("log_time_scale"):
+                param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.add_(noise * torch.randn_like(param))
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0, high: int = VOCAB_BYTES) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (batch, length), generator=generator)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def pad_batch(sequences: list[torch.Tensor], side: str, pad_id: int = PAD_ID, garbage: bool = False):
+    """Pad 1-D id tensors to a batch `(B, L)` with its attention mask; `garbage=True` fills padding with random bytes
+    instead of `pad_id` (padding content must never matter)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    if garbage:
+        ids = random_ids(len(sequences), length, seed=1234)
+    mask = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = seq
+        mask[row, span] = 1
+    return ids, mask
+
+
+def real_slice(length: int, total: int, side: str) -> slice:
+    return slice(total - length, total) if side == "left" else slice(0, length)
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def config_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def config(config_name) -> DFNConfig:
+    return tiny_config(config_name)
+
+
+@pytest.fixture
+def model(config) -> DFNForCausalLM:
+    return make_model(config)
+
+
+@pytest.fixture(params=GEN_CONFIGS, ids=GEN_CONFIGS)
+def gen_model(request) -> DFNForCausalLM:
+    return make_model(tiny_config(request.param))

@@ -1,0 +1,307 @@
+"""Bad input -> a clear error that says what is wrong; nothing silently wrong (issue 2, "Bad input")."""
+
+import os
+
+import pytest
+import torch
+from conftest import make_model, random_ids, tiny_config
+from safetensors.torch import load_file, save_file
+
+from dfn import DFNCache, DFNConfig, DFNForCausalLM, DFNModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(tiny_config())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input_ids / inputs_embeds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.tensor([[1, 2, 259]]), r"vocab_size=259.*\[1, 259\]"),
+        (torch.tensor([[1, 2, 10_000]]), r"vocab_size=259"),
+        (torch.tensor([[1, -1, 3]]), r"input_ids must lie in \[0, vocab_size=259\).*-1"),
+        (torch.tensor([[1.0, 2.0]]), r"input_ids must be an integer tensor.*float"),
+        (torch.tensor([[True, False]]), r"input_ids must be an integer tensor.*bool"),
+        (torch.tensor([1, 2, 3]), r"input_ids must have shape \(batch_size, sequence_length\), got \(3,\)"),
+        (torch.ones(1, 2, 3, dtype=torch.long), r"input_ids must have shape .*\(1, 2, 3\)"),
+        (torch.ones(1, 0, dtype=torch.long), r"input_ids is empty"),
+        (torch.ones(0, 4, dtype=torch.long), r"input_ids is empty"),
+    ],
+    ids=["above-vocab", "far-above-vocab", "negative", "float", "bool", "1-D", "3-D", "empty-seq", "empty-batch"],
+)
+def test_bad_input_ids(model, ids, match):
+    with pytest.raises(ValueError, match=match):
+        model(ids)
+
+
+def test_input_ids_as_list_is_rejected(model):
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        model([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_embeds(model, bad):
+    embeds = torch.randn(2, 5, 32)
+    embeds[1, 3, 7] = bad
+    with pytest.raises(ValueError, match="inputs_embeds contains NaN or inf"):
+        model(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 5, 16), r"inputs_embeds must have shape \(batch_size, sequence_length, 32\)"),
+        ((5, 32), "inputs_embeds"),
+        ((1, 0, 32), "inputs_embeds is empty"),
+    ],
+)
+def test_bad_inputs_embeds_shape(model, shape, match):
+    with pytest.raises(ValueError, match=match):
+        model(inputs_embeds=torch.randn(*shape))
+
+
+def test_exactly_one_of_ids_and_embeds(model):
+    ids = random_ids(1, 4)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(ids, inputs_embeds=model.get_input_embeddings()(ids))
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention_mask and labels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(2, 5, dtype=torch.long), r"attention_mask must have shape .* = \(2, 6\), got \(2, 5\)"),
+        (torch.ones(1, 6, dtype=torch.long), r"attention_mask must have shape .* = \(2, 6\), got \(1, 6\)"),
+        (torch.ones(2, 6, 1, dtype=torch.long), r"attention_mask must have shape .*got \(2, 6, 1\)"),
+        (torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]), r"row with no real entity \(all zeros\)"),
+        (torch.tensor([[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 1]]), r"attention_mask must contain only 0 and 1"),
+        (torch.tensor([[0.5, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), r"attention_mask must contain only 0 and 1"),
+        (torch.tensor([[-1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), r"attention_mask must contain only 0 and 1"),
+    ],
+    ids=["short", "batch", "3-D", "all-zero-row", "two", "half", "minus-one"],
+)
+def test_bad_attention_mask(model, mask, match):
+    with pytest.raises(ValueError, match=match):
+        model(random_ids(2, 6), attention_mask=mask)
+
+
+def test_float_and_bool_binary_masks_are_accepted(model):
+    ids = random_ids(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        assert torch.equal(model(ids, attention_mask=mask.float()).logits, ref)
+        assert torch.equal(model(ids, attention_mask=mask.bool()).logits, ref)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (2, 7), (1, 6), (12,)])
+def test_labels_shape_mismatch(model, shape):
+    with pytest.raises(ValueError, match=r"labels must have shape \(batch_size, sequence_length\) = \(2, 6\)"):
+        model(random_ids(2, 6), labels=torch.zeros(shape, dtype=torch.long))
+
+
+def test_labels_with_logits_to_keep(model):
+    ids = random_ids(1, 6)
+    with pytest.raises(ValueError, match="labels cannot be combined with logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+CONFIG_ERRORS = [
+    ("vocab_size", 0, r"DFNConfig.vocab_size must be an integer >= 1, got 0"),
+    ("hidden_size", 0, r"DFNConfig.hidden_size must be an integer >= 1"),
+    ("hidden_size", 32.0, r"DFNConfig.hidden_size must be an integer"),
+    ("num_hidden_layers", 0, r"DFNConfig.num_hidden_layers must be an integer >= 1"),
+    ("num_attention_heads", -2, r"DFNConfig.num_attention_heads must be an integer >= 1"),
+    ("num_attention_heads", 3, r"DFNConfig.hidden_size \(256\) must be divisible by num_attention_heads \(3\)"),
+    ("pos_dim", 0, r"DFNConfig.pos_dim must be an integer >= 1"),
+    ("pos_dim", 9, r"DFNConfig.pos_dim must be in \[1, 8\], got 9"),
+    ("num_neighbors", 0, r"DFNConfig.num_neighbors must be an integer >= 1"),
+    ("num_neighbors", True, r"DFNConfig.num_neighbors must be an integer"),
+    ("memory_slots", 0, r"DFNConfig.memory_slots must be an integer >= 1"),
+    ("memory_chunk_size", 0, r"DFNConfig.memory_chunk_size must be an integer >= 1"),
+    ("kernel_width_init", 0.0, r"DFNConfig.kernel_width_init must be a number > 0"),
+    ("kernel_width_init", float("nan"), r"DFNConfig.kernel_width_init must be a number > 0"),
+    ("mlp_ratio", -1.0, r"DFNConfig.mlp_ratio must be a number > 0"),
+    ("initializer_range", 0, r"DFNConfig.initializer_range must be a number > 0"),
+    ("flownorm_eps", 0.0, r"DFNConfig.flownorm_eps must be a number > 0"),
+    ("time_scale_min", 2.0, r"DFNConfig.time_scale_min \(2.0\) must be <= time_scale_max"),
+    ("time_scale_max", -1.0, r"DFNConfig.time_scale_max must be a number > 0"),
+    ("flow_alpha_init", -0.1, r"DFNConfig.flow_alpha_init must be a number in \[0, 10\]"),
+    ("flow_alpha_init", "0.1", r"DFNConfig.flow_alpha_init must be a number"),
+    ("dropout", 1.0, r"DFNConfig.dropout must be in \[0, 1\), got 1.0"),
+    ("dropout", -0.1, r"DFNConfig.dropout must be in \[0, 1\)"),
+    ("use_flow", "yes", r"DFNConfig.use_flow must be True or False"),
+    ("use_memory", 1, r"DFNConfig.use_memory must be True or False"),
+    ("use_flownorm", None, r"DFNConfig.use_flownorm must be True or False"),
+    ("layer_variant", "plain", r"DFNConfig.layer_variant must be one of \('residual', 'seed'\), got 'plain'"),
+    ("neighbor_search", "approx", r"DFNConfig.neighbor_search must be one of .*got 'approx'"),
+    ("pad_token_id", 259, r"DFNConfig.pad_token_id must be None or in \[0, vocab_size=259\)"),
+    ("eos_token_id", -1, r"DFNConfig.eos_token_id must be None or in \[0, vocab_size=259\)"),
+]
+
+
+@pytest.mark.parametrize("field, value, match", CONFIG_ERRORS, ids=[f"{f}={v!r}" for f, v, _ in CONFIG_ERRORS])
+def test_invalid_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        DFNConfig(**{field: value})
+
+
+def test_valid_config_edge_values_are_accepted():
+    config = DFNConfig(
+        hidden_size=8,
+        num_attention_heads=8,
+        pos_dim=8,
+        num_neighbors=1,
+        memory_slots=1,
+        memory_chunk_size=1,
+        flow_alpha_init=0.0,
+        dropout=0.0,
+        pad_token_id=None,
+        time_scale_min=0.5,
+        time_scale_max=0.5,
+    )
+    assert config.head_dim == 1
+
+
+def test_invalid_config_in_saved_folder_is_rejected_at_load(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"layer_variant": "residual"', '"layer_variant": "bogus"')
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="DFNConfig.layer_variant must be one of"):
+        DFNConfig.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache that does not fit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other, field",
+    [
+        (dict(num_hidden_layers=3), "num_hidden_layers"),
+        (dict(pos_dim=1), "pos_dim"),
+        (dict(memory_chunk_size=5), "memory_chunk_size"),
+        (dict(memory_slots=4), "memory_slots"),
+        (dict(use_memory=False), "use_memory"),
+        (dict(num_attention_heads=4), "num_attention_heads"),
+    ],
+)
+def test_cache_from_another_config(model, other, field):
+    other_model = make_model(tiny_config(**other))
+    with torch.no_grad():
+        cache = other_model(random_ids(1, 8), use_cache=True).cache
+    with pytest.raises(ValueError, match=rf"built for another model configuration.*{field}"):
+        model(random_ids(1, 2), cache=cache, use_cache=True)
+    # an empty cache made for the other config is refused too
+    with pytest.raises(ValueError, match=rf"another model configuration.*{field}"):
+        model(random_ids(1, 2), cache=DFNCache(other_model.config), use_cache=True)
+
+
+def test_cache_from_another_config_in_generate(model):
+    other_model = make_model(tiny_config(num_hidden_layers=3))
+    prompt = random_ids(1, 8)
+    out = other_model.generate(prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        model.generate(out.sequences, cache=out.cache, max_new_tokens=2, do_sample=False)
+
+
+def test_cache_with_another_batch_size(model):
+    with torch.no_grad():
+        cache = model(random_ids(2, 8), use_cache=True).cache
+    with pytest.raises(ValueError, match="holds 2 sequences but the input has batch size 3"):
+        model(random_ids(3, 1), cache=cache, use_cache=True)
+
+
+def test_mask_must_cover_cache_and_new_entities(model):
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    with pytest.raises(ValueError, match=r"cache_length \+ sequence_length\) = \(1, 10\)"):
+        model(random_ids(1, 2), attention_mask=torch.ones(1, 2, dtype=torch.long), cache=cache, use_cache=True)
+
+
+def test_mask_disagreeing_with_cache_padding_follows_the_cache(model):
+    """generate() continuing from a cache re-derives the mask from pad tokens written after an eos; the cache's
+    record of how past entities were processed wins (with a warning), so results do not depend on it."""
+    ids, new = random_ids(1, 8), random_ids(1, 2, seed=3)
+    with torch.no_grad():
+        cache_a = model(ids, use_cache=True).cache
+        cache_b = model(ids, use_cache=True).cache
+        mask = torch.ones(1, 10, dtype=torch.long)
+        expected = model(new, attention_mask=mask, cache=cache_a, use_cache=True).logits
+        mask[0, 2] = 0  # the cache holds entity 2 as real
+        assert torch.equal(model(new, attention_mask=mask, cache=cache_b, use_cache=True).logits, expected)
+
+
+def test_all_new_entities_padding(model):
+    with torch.no_grad():
+        cache = model(random_ids(1, 8), use_cache=True).cache
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 8:] = 0
+    with pytest.raises(ValueError, match="marks every new entity as padding"):
+        model(random_ids(1, 2), attention_mask=mask, cache=cache, use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint folders with missing or corrupt weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    make_model(tiny_config()).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    return tmp_path
+
+
+def test_missing_weights_file_names_it(saved):
+    os.remove(saved / "model.safetensors")
+    with pytest.raises(OSError, match="model.safetensors"):
+        DFNForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "zeroed-header"])
+def test_corrupt_weights_file_names_it(saved, damage):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytes((i * 37 + 11) % 256 for i in range(len(data)))
+    elif damage == "empty":
+        data = b""
+    else:
+        data = bytes(8) + data[8:]
+    path.write_bytes(data)
+    for loader in (DFNForCausalLM.from_pretrained, DFNModel.from_pretrained):
+        with pytest.raises(OSError, match=r"model\.safetensors"):
+            loader(saved)
+
+
+def test_weights_file_missing_a_tensor_is_an_error(saved):
+    """A readable file that lacks weights must not load silently with freshly initialised ones."""
+    path = saved / "model.safetensors"
+    state = load_file(path)
+    dropped = next(name for name in state if name.endswith("memory_pos"))
+    del state[dropped]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(OSError, match="memory_pos"):
+        DFNForCausalLM.from_pretrained(saved)
