@@ -267,10 +267,6 @@ class DFNPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DFNFlowLayer"]
 
     @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model builds its own DFNCache
-
-    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a corrupt weights file or missing weights raise an error that
         names the file or the weights, instead of a bare deserialisation error or a warning and random weights."""
@@ -479,6 +475,16 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
         self.model = DFNModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not hand the model a DynamicCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give generate() a `DFNCache` up front (assisted decoding needs one before the first forward)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache:
+            model_kwargs["cache"] = DFNCache(self.config)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

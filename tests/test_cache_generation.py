@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import EOS_ID, PAD_ID, make_model, max_diff, pad_batch, random_ids, tiny_config
 
-from dfn import DFNCache
+from dfn import DFNCache, DFNForCausalLM
 
 LENGTH = 30
 # mixed chunk sizes (sum 30) that cross memory-chunk boundaries (chunk sizes 5-8) inside and at chunk edges
@@ -389,3 +389,13 @@ def test_generation_stops_at_eos():
     assert torch.equal(out, greedy[:, : out.shape[1]])
     assert out[0, -1] == stop and out.shape[1] <= 12
     assert EOS_ID == model.generation_config.eos_token_id
+
+
+def test_assisted_decoding_equals_greedy(gen_model):
+    """Assisted decoding verifies drafts and crops the cache back on rejection: the output is greedy's exactly."""
+    torch.manual_seed(0)
+    assistant = DFNForCausalLM(gen_model.config).eval()  # an untrained draft model: most drafts are rejected
+    prompt = random_ids(1, 9, seed=49)
+    greedy = gen_model.generate(prompt, max_new_tokens=16, **GREEDY)
+    assisted = gen_model.generate(prompt, max_new_tokens=16, assistant_model=assistant, **GREEDY)
+    assert torch.equal(assisted, greedy)
