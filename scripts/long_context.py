@@ -1,0 +1,841 @@
+"""Long-context evaluation: passkey retrieval and multi-query associative recall (MQAR), trained short, tested long.
+
+Tasks (bytes, filler = real text from data/tinyshakespeare.txt with its few digits removed):
+
+* passkey: `<filler> The pass key is 12345. Remember it. <filler> What is the pass key? The pass key is 12345`.
+  The needle starts at `round(depth * F)` bytes into the F filler bytes (depth 0 = first byte, 1 = right before the
+  question), so the key occurs exactly once before the answer. The sequence ends with the 5 answer digits.
+* mqar: k pairs `[abcd=123]` (4 lowercase letters, 3 digits, distinct keys) at uniformly random places in the
+  filler, then `\\n` and q of them queried in random order in the same format: `[abcd=123][efgh=456]...`. Each pair's
+  depth is its start over the filler length; accuracy is reported per depth bin (nearest of `--depths`).
+
+Scoring: teacher forcing. The whole sequence, answers included, is read once; an answer counts as correct when the
+argmax at every one of its digit positions equals the digit. This is exactly greedy decoding's exact match (greedy
+produces the key iff each argmax given the correct prefix is correct); per-digit accuracy is reported as well
+(chance 0.1; exact-match chance 1e-5 for passkey, 1e-3 for an MQAR value).
+
+Training: `transformers.Trainer` on an on-the-fly `IterableDataset` (fixed seed; passkey and MQAR mixed 50/50; each
+batch has one length drawn from `--train-length` / 4, / 2, x 1, so no padding is needed). Loss on the answer bytes
+only by default (`--loss answer`: filler bytes carry no task signal and swamp it at this scale); `--loss all` trains
+on every byte. Filler comes from the first 90 % of the text for training and the last 10 % for evaluation.
+
+Evaluation reads every sequence in segments of `--segment` bytes: DFN through a `DFNCache` (exact, or bounded to the
+last `--window` entities plus the field memory), Llama through its KV cache. Every (model, task, length) cell is
+timed; a cell whose predicted time (from the previous length: x ratio for DFN in bounded mode, x ratio^2 otherwise)
+exceeds `--eval-time-cap` is skipped and marked. All models see the same evaluation examples.
+
+Models: `dfn`, `dfn-nomem` (use_memory=False), `dfn-noflow` (use_flow=False) and `llama` (LlamaForCausalLM, sdpa,
+vocab 259, MLP width chosen for the DFN's parameter count), all trained the same way. For memory models a diagnosis
+traces, at the query position, how much kernel mass reaches the needle directly (K nearest) and through the memory
+(an exact tracer run of the memory write/read).
+
+    python scripts/long_context.py --quick                       # < 1 min; the test suite runs it
+    nice -n 10 python scripts/long_context.py --steps 300 --lengths 1024,4096 --models dfn,llama
+    python scripts/long_context.py --lengths 1024,4096,16384,65536 --window 4096
+
+Writes `<out-dir>/long_context.json` (also after each model), `<out-dir>/heatmap_<model>.png`, the trained models
+(`<out-dir>/models/<name>`, reused by `--reuse`) and prints the tables. Runs on one torch
+thread by default (`--threads`): on a shared 2-core machine that is several times faster than two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "tinyshakespeare.txt"
+PAD_ID = 256
+IGNORE = -100
+MODELS = ("dfn", "dfn-nomem", "dfn-noflow", "llama")
+TASKS = ("passkey", "mqar")
+
+NEEDLE = " The pass key is {key}. Remember it. "
+QUESTION = " What is the pass key? The pass key is "
+KEY_DIGITS = 5
+MQAR_KEY_LETTERS = 4
+MQAR_VALUE_DIGITS = 3
+LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+class Filler:
+    """Real text as bytes (digits and square brackets removed, so keys, values and pairs are unambiguous)."""
+
+    def __init__(self, data: np.ndarray):
+        keep = ~(((data >= ord("0")) & (data <= ord("9"))) | (data == ord("[")) | (data == ord("]")))
+        self.data = data[keep]
+        if self.data.size < 1024:
+            raise ValueError(f"filler text too short ({self.data.size} bytes)")
+
+    @classmethod
+    def split(cls, path: Path = DATA, val_fraction: float = 0.1) -> tuple[Filler, Filler]:
+        data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+        cut = int(len(data) * (1 - val_fraction))
+        return cls(data[:cut]), cls(data[cut:])
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """`n` contiguous bytes from a random offset (the text is tiled when `n` exceeds it)."""
+        start = int(rng.integers(0, self.data.size))
+        if start + n <= self.data.size:
+            return self.data[start : start + n]
+        return np.tile(self.data, n // self.data.size + 2)[start : start + n]
+
+
+def _b(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+def _digits(rng: np.random.Generator, n: int) -> str:
+    return "".join(str(d) for d in rng.integers(0, 10, n))
+
+
+def passkey_min_length() -> int:
+    return len(NEEDLE.format(key="0" * KEY_DIGITS)) + len(QUESTION) + KEY_DIGITS
+
+
+def make_passkey(rng: np.random.Generator, filler: Filler, length: int, depth: float | None = None) -> dict:
+    """One passkey example of exactly `length` bytes; the last `KEY_DIGITS` bytes are the answer."""
+    if length < passkey_min_length():
+        raise ValueError(f"passkey needs length >= {passkey_min_length()}, got {length}")
+    depth = float(rng.uniform()) if depth is None else float(depth)
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = _digits(rng, KEY_DIGITS)
+    needle, question = _b(NEEDLE.format(key=key)), _b(QUESTION)
+    n_fill = length - len(needle) - len(question) - KEY_DIGITS
+    text = filler.sample(rng, n_fill)
+    cut = round(depth * n_fill)
+    ids = np.concatenate([text[:cut], needle, text[cut:], question, _b(key)]).astype(np.int64)
+    answer = np.arange(length - KEY_DIGITS, length)
+    return {
+        "task": "passkey",
+        "input_ids": ids,
+        "answers": [answer],  # list of position arrays, one per scored answer
+        "depths": [cut / max(n_fill, 1)],
+        "key": key,
+        "needle_start": cut,
+        "needle_end": cut + len(needle),
+    }
+
+
+def mqar_min_length(num_pairs: int, num_queries: int) -> int:
+    pair = MQAR_KEY_LETTERS + MQAR_VALUE_DIGITS + 3
+    return num_pairs * pair + 1 + num_queries * pair
+
+
+def make_mqar(rng: np.random.Generator, filler: Filler, length: int, num_pairs: int, num_queries: int) -> dict:
+    """k `[abcd=123]` pairs scattered in filler, then `\\n` and `num_queries` of them asked in the same format."""
+    if not 1 <= num_queries <= num_pairs:
+        raise ValueError(f"need 1 <= num_queries <= num_pairs, got {num_queries}, {num_pairs}")
+    if length < mqar_min_length(num_pairs, num_queries):
+        raise ValueError(f"mqar needs length >= {mqar_min_length(num_pairs, num_queries)}, got {length}")
+    keys: list[str] = []
+    while len(keys) < num_pairs:
+        key = bytes(rng.choice(LETTERS, MQAR_KEY_LETTERS)).decode()
+        if key not in keys:
+            keys.append(key)
+    values = [_digits(rng, MQAR_VALUE_DIGITS) for _ in keys]
+    pairs = [_b(f"[{k}={v}]") for k, v in zip(keys, values, strict=True)]
+    asked = rng.permutation(num_pairs)[:num_queries]
+    suffix = b"\n" + b"".join(f"[{keys[i]}={values[i]}]".encode() for i in asked)
+    n_fill = length - sum(len(p) for p in pairs) - len(suffix)
+    text = filler.sample(rng, n_fill)
+    cuts = np.sort(rng.integers(0, n_fill + 1, num_pairs))
+    pieces, depth_of, prev = [], {}, 0
+    for i, cut in enumerate(cuts):
+        pieces += [text[prev:cut], pairs[i]]
+        depth_of[i] = float(cut) / max(n_fill, 1)
+        prev = cut
+    pieces.append(text[prev:])
+    ids = np.concatenate([*pieces, np.frombuffer(suffix, dtype=np.uint8)]).astype(np.int64)
+    start = length - len(suffix) + 1
+    pair_len = len(pairs[0])
+    answers = [
+        start + q * pair_len + 1 + MQAR_KEY_LETTERS + 1 + np.arange(MQAR_VALUE_DIGITS) for q in range(len(asked))
+    ]
+    return {
+        "task": "mqar",
+        "input_ids": ids,
+        "answers": answers,
+        "depths": [depth_of[int(i)] for i in asked],
+        "keys": [keys[int(i)] for i in asked],
+        "values": [values[int(i)] for i in asked],
+    }
+
+
+def make_example(task: str, rng: np.random.Generator, filler: Filler, length: int, args, depth=None) -> dict:
+    if task == "passkey":
+        return make_passkey(rng, filler, length, depth)
+    return make_mqar(rng, filler, length, args.num_pairs, args.num_queries)
+
+
+class TaskStream(IterableDataset):
+    """Endless training examples, generated on the fly from a fixed seed.
+
+    Example i is drawn from `default_rng([seed, i])`; each run of `batch_size` consecutive examples shares one length
+    (drawn from `lengths` by `default_rng([seed, -1, i // batch_size])`), so batches need no padding.
+    """
+
+    def __init__(self, filler: Filler, lengths: list[int], batch_size: int, args, seed: int):
+        self.filler, self.lengths, self.batch_size, self.args, self.seed = filler, lengths, batch_size, args, seed
+
+    def example(self, i: int) -> dict:
+        length = int(np.random.default_rng([self.seed, 1, i // self.batch_size]).choice(self.lengths))
+        rng = np.random.default_rng([self.seed, 0, i])
+        task = TASKS[int(rng.integers(0, 2))]
+        ex = make_example(task, rng, self.filler, length, self.args)
+        ids = torch.from_numpy(ex["input_ids"])
+        if self.args.loss == "all":
+            labels = ids.clone()
+        else:
+            labels = torch.full_like(ids, IGNORE)
+            for pos in ex["answers"]:
+                labels[pos] = ids[pos]
+        return {"input_ids": ids, "labels": labels}
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield self.example(i)
+            i += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def dfn_config(args, **overrides):
+    from dfn import DFNConfig
+
+    return DFNConfig(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        pos_dim=args.pos_dim,
+        num_neighbors=args.num_neighbors,
+        memory_slots=args.memory_slots,
+        memory_chunk_size=args.memory_chunk_size,
+        **overrides,
+    )
+
+
+def build_model(name: str, args):
+    """A fresh model by name; the Llama's MLP width makes its parameter count match the full DFN's."""
+    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+
+    from dfn import DFNForCausalLM
+
+    set_seed(args.seed)
+    if name == "dfn":
+        return DFNForCausalLM(dfn_config(args))
+    if name == "dfn-nomem":
+        return DFNForCausalLM(dfn_config(args, use_memory=False))
+    if name == "dfn-noflow":
+        return DFNForCausalLM(dfn_config(args, use_flow=False))
+    if name != "llama":
+        raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+    target = sum(p.numel() for p in DFNForCausalLM(dfn_config(args)).parameters())
+    d, layers, vocab = args.hidden_size, args.layers, 259
+    fixed = vocab * d + layers * (4 * d * d + 2 * d) + d  # tied embeddings, attention, norms
+    intermediate = max(8, round((target - fixed) / (3 * d * layers)))
+    set_seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(max(args.lengths), args.train_length),
+        tie_word_embeddings=True,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=258,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model(name: str, folder: Path):
+    """A model saved by an earlier run (`<out-dir>/models/<name>`)."""
+    from transformers import LlamaForCausalLM
+
+    from dfn import DFNForCausalLM
+
+    cls = LlamaForCausalLM if name == "llama" else DFNForCausalLM
+    return cls.from_pretrained(folder).eval()
+
+
+def train_model(model, name: str, args, filler: Filler) -> dict:
+    """Train through `transformers.Trainer` on the on-the-fly task stream; returns timings and the loss curve."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    lengths = train_lengths(args)
+    targs = TrainingArguments(
+        output_dir=str(Path(args.out_dir) / "runs" / name),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        weight_decay=0.01,
+        adam_beta2=0.99,
+        max_grad_norm=1.0,
+        logging_steps=max(1, args.steps // 20),
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    stream = TaskStream(filler, lengths, args.batch_size, args, seed=args.seed)
+    trainer = Trainer(model=model, args=targs, train_dataset=stream, data_collator=default_data_collator)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    return {
+        "steps": args.steps,
+        "seconds": seconds,
+        "train_lengths": lengths,
+        "loss_curve": curve,
+        "final_loss": curve[-1][1] if curve else None,
+    }
+
+
+def train_lengths(args) -> list[int]:
+    floor = max(passkey_min_length(), mqar_min_length(args.num_pairs, args.num_queries)) + 32
+    return sorted({max(floor, args.train_length // 4), max(floor, args.train_length // 2), args.train_length})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def is_dfn(model) -> bool:
+    return getattr(model.config, "model_type", "") == "dfn"
+
+
+@torch.no_grad()
+def score_batch(model, ids: torch.Tensor, answers: list[list[np.ndarray]], args) -> list[list[np.ndarray]]:
+    """Read `ids` `(B, L)` in segments through the model's cache; for each row and answer, the per-digit correctness
+    of the argmax prediction (teacher forcing)."""
+    from dfn import DFNCache
+
+    batch, length = ids.shape
+    needed = sorted({int(p) - 1 for row in answers for ans in row for p in ans})
+    logits_at: dict[int, torch.Tensor] = {}
+    cache = DFNCache(model.config, window=args.window or None) if is_dfn(model) else None
+    for start in range(0, length, args.segment):
+        stop = min(start + args.segment, length)
+        inside = [p for p in needed if start <= p < stop]
+        keep = stop - min(inside) if inside else 1
+        out = model(input_ids=ids[:, start:stop], cache=cache, use_cache=True, logits_to_keep=keep)
+        cache = out.cache  # DFN: the same DFNCache object; Llama: its DynamicCache (created on the first call)
+        for p in inside:
+            logits_at[p] = out.logits[:, p - (stop - keep)].argmax(-1)
+    return [
+        [np.array([int(logits_at[int(p) - 1][b]) == int(ids[b, p]) for p in ans]) for ans in answers[b]]
+        for b in range(batch)
+    ]
+
+
+def eval_examples(task: str, length: int, depth_index: int, depth, filler: Filler, args) -> list[dict]:
+    """The evaluation examples of one cell: identical for every model (seeded by task, length and depth)."""
+    count = args.eval_examples
+    out = []
+    for j in range(count):
+        rng = np.random.default_rng([args.seed + 1000, TASKS.index(task), length, depth_index, j])
+        out.append(make_example(task, rng, filler, length, args, depth=depth))
+    return out
+
+
+def nearest_bin(depth: float, depths: list[float]) -> int:
+    return int(np.argmin([abs(depth - d) for d in depths]))
+
+
+def evaluate(model, name: str, args, filler: Filler) -> dict:
+    """Accuracy per task, length and depth. MQAR examples scatter their pairs; answers are binned by depth."""
+    from tqdm.auto import tqdm
+
+    results: dict = {}
+    cells = [(task, length) for task in TASKS for length in args.lengths]
+    bar = tqdm(cells, desc=f"eval {name}", disable=args.no_progress)
+    last: dict[str, tuple[int, float]] = {}
+    exponent = 1.0 if (is_dfn(model) and args.window) else 2.0
+    for task, length in bar:
+        bar.set_postfix(task=task, length=length)
+        per_length = results.setdefault(task, {}).setdefault(str(length), {})
+        if task in last:
+            prev_len, prev_s = last[task]
+            predicted = prev_s * (length / prev_len) ** exponent
+            if predicted > args.eval_time_cap:
+                reason = f"predicted {predicted:.0f} s > cap {args.eval_time_cap:.0f} s"
+                per_length.update({str(d): {"skipped": reason} for d in args.depths})
+                per_length["all"] = {"skipped": reason}
+                last[task] = (length, predicted)
+                continue
+        start = time.perf_counter()
+        # passkey: one run per depth; mqar: as many runs of scattered pairs, answers binned by depth afterwards
+        depth_runs = [(i, d if task == "passkey" else None) for i, d in enumerate(args.depths)]
+        exact = {i: [] for i in range(len(args.depths))}
+        digit = {i: [] for i in range(len(args.depths))}
+        for d_index, depth in depth_runs:
+            examples = eval_examples(task, length, d_index, depth, filler, args)
+            ids = torch.from_numpy(np.stack([ex["input_ids"] for ex in examples]))
+            for b in range(0, len(examples), args.eval_batch):
+                part = examples[b : b + args.eval_batch]
+                scores = score_batch(model, ids[b : b + args.eval_batch], [ex["answers"] for ex in part], args)
+                for ex, row in zip(part, scores, strict=True):
+                    for ans_depth, correct in zip(ex["depths"], row, strict=True):
+                        k = d_index if task == "passkey" else nearest_bin(ans_depth, args.depths)
+                        exact[k].append(bool(correct.all()))
+                        digit[k].append(float(correct.mean()))
+        seconds = time.perf_counter() - start
+        for k, depth in enumerate(args.depths):
+            per_length[str(depth)] = summarise(exact[k], digit[k])
+        per_length["all"] = summarise(sum(exact.values(), []), sum(digit.values(), []))
+        per_length["all"]["seconds"] = seconds
+        last[task] = (length, seconds)
+    return results
+
+
+def summarise(exact: list[bool], digit: list[float]) -> dict:
+    if not exact:
+        return {"acc": None, "digit_acc": None, "n": 0}
+    return {"acc": float(np.mean(exact)), "digit_acc": float(np.mean(digit)), "n": len(exact)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Diagnosis: does the needle reach the query, directly or through the memory?
+
+
+@torch.no_grad()
+def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count: int = 2) -> dict:
+    """For DFN models: at the position that predicts the first key digit, per layer and head,
+
+    * `mem_frac`: the share of the kernel mass that goes to the memory slots (vs the K nearest entities);
+    * `needle_knn`: the kernel mass on needle entities among the K nearest (how often the flow brought them close);
+    * `needle_mem`: the needle's share of what the memory read returns, measured exactly by a tracer: the memory
+      scan re-run with value 1 on needle entities and 0 elsewhere (the write is linear in the values);
+    * `needle_total` = (1 - mem_frac) * needle_knn + mem_frac * needle_mem, to compare with `needle_bytes / length`
+      (what a uniform average over the context would give);
+    * `slot_needle_share`: the needle's share of the slot that holds most of it, in the memory the query reads;
+      with a gate g that does not depend on the content, one write and n later commits leave at most
+      `g (1 - g)^n <= 1 / (e (n + 1))` (`write_retention_bound`), whatever g is learned;
+    * the mean write gate `g` and the decay `(1 - g)^n` of a slot's content over the n chunks between needle and query;
+    * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler;
+    * `write_mass_contrast`: log affinity mass the key's chunk offers its best slot minus the median over the other
+      chunks (see `chunk_write_mass`): > 0 means a write gated by that mass would favour the key.
+    """
+    from dfn.memory_dfn import initial_memory_state, memory_scan, squared_distance
+    from dfn.neighbors_dfn import causal_knn
+
+    cfg = model.config
+    layers = model.model.layers
+    captured: dict = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.influence_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("w", i), o)))
+    rows = []
+    try:
+        for j in range(count):
+            ex = make_passkey(np.random.default_rng([args.seed + 2000, length, j]), filler, length, depth)
+            ids = torch.from_numpy(ex["input_ids"]).unsqueeze(0)
+            out = model(input_ids=ids, use_cache=False, output_positions=True)
+            q = int(ex["answers"][0][0]) - 1
+            key_start = ex["needle_start"] + NEEDLE.index("{key}")
+            needle = torch.zeros(length, dtype=torch.bool)
+            needle[ex["needle_start"] : ex["needle_end"]] = True
+            for i, layer in enumerate(layers):
+                pos = out.positions[i + 1]  # (1, N, H, k) after the flow
+                heads = pos.shape[2]
+                log_w = torch.nn.functional.logsigmoid(captured[("w", i)].float())  # (1, N, H)
+                inv_two_var = 0.5 * torch.exp(-2.0 * layer.log_kernel_width)
+                valid_all = torch.ones(1, length, dtype=torch.bool)
+                idx, ok = causal_knn(pos[:, q : q + 1], pos[:, : q + 1], valid_all[:, : q + 1], cfg.num_neighbors, q)
+                near = pos[0, idx[0, 0], torch.arange(heads).view(-1, 1)]  # (H, K, k)
+                dist2 = squared_distance(pos[0, q].unsqueeze(1), near)
+                logits = log_w[0, idx[0, 0], torch.arange(heads).view(-1, 1)] - dist2 * inv_two_var.view(-1, 1)
+                logits = logits.masked_fill(~ok[0, 0], -1e30)
+                soft = torch.softmax(logits, -1)
+                needle_knn = (soft * needle[idx[0, 0]].float()).sum(-1)  # (H,)
+                row = {"layer": i, "needle_knn": needle_knn.tolist(), "needle_in_knn": needle[idx[0, 0]].any(-1)}
+                row["needle_in_knn"] = row["needle_in_knn"].tolist()
+                filler_mask = ~needle
+                filler_mask[q - len(QUESTION) :] = False
+                row["logw_key_minus_filler"] = (
+                    log_w[0, key_start : key_start + KEY_DIGITS].mean(0) - log_w[0, filler_mask].mean(0)
+                ).tolist()
+                if cfg.use_memory:
+                    params = layer._memory_params(inv_two_var)
+                    tracer = needle.view(1, -1, 1, 1).float().expand(1, length, heads, 1)
+                    state = initial_memory_state(
+                        layer.memory_pos.float(), layer.memory_pos.new_zeros(heads, cfg.memory_slots, 1), 1
+                    )
+                    prefix = (q // cfg.memory_chunk_size) * cfg.memory_chunk_size  # chunks complete before q's
+                    _, _, before_q = memory_scan(
+                        state,
+                        pos[:, :prefix],
+                        tracer[:, :prefix],
+                        log_w[:, :prefix],
+                        torch.arange(prefix).view(1, -1),
+                        valid_all[:, :prefix],
+                        params,
+                        cfg.memory_chunk_size,
+                        read=False,
+                    )
+                    read, mem_lse, _ = memory_scan(
+                        state,
+                        pos,
+                        tracer,
+                        log_w,
+                        torch.arange(length).view(1, -1),
+                        valid_all,
+                        params,
+                        cfg.memory_chunk_size,
+                    )
+                    knn_lse = torch.logsumexp(logits, -1)
+                    mem_frac = torch.sigmoid(mem_lse[0, q] - knn_lse)
+                    needle_mem = read[0, q, :, 0]
+                    gate = params["gate"].mean(-1)
+                    chunks = q // cfg.memory_chunk_size - ex["needle_end"] // cfg.memory_chunk_size
+                    mass = chunk_write_mass(state, pos, tracer, log_w, params, cfg.memory_chunk_size)  # (chunks, H)
+                    key_chunk = key_start // cfg.memory_chunk_size
+                    others = torch.cat([mass[:key_chunk], mass[key_chunk + 1 : q // cfg.memory_chunk_size]])
+                    row.update(
+                        write_mass_contrast=(mass[key_chunk] - others.median(0).values).tolist(),
+                        slot_needle_share=before_q["val"][0, :, :, 0].amax(-1).tolist(),
+                        write_retention_bound=1 / (math.e * (chunks + 1)),
+                        mem_frac=mem_frac.tolist(),
+                        needle_mem=needle_mem.tolist(),
+                        needle_total=((1 - mem_frac) * needle_knn + mem_frac * needle_mem).tolist(),
+                        gate=gate.tolist(),
+                        decay=((1 - gate) ** max(chunks - 1, 0)).tolist(),
+                        chunks_between=chunks,
+                    )
+                else:
+                    row["needle_total"] = row["needle_knn"]
+                rows.append(row)
+    finally:
+        for h in hooks:
+            h.remove()
+    needle_bytes = len(NEEDLE.format(key="0" * KEY_DIGITS))
+    per_layer = []
+    for i in range(len(layers)):
+        mine = [r for r in rows if r["layer"] == i]
+        entry = {k: np.mean([r[k] for r in mine], axis=0).tolist() for k in mine[0] if k != "layer"}
+        per_layer.append({"layer": i, **entry})
+    return {
+        "length": length,
+        "depth": depth,
+        "examples": count,
+        "uniform_needle_share": needle_bytes / length,
+        "per_layer": per_layer,
+        "time_scale": torch.exp(model.model.log_time_scale).tolist(),
+        "flow_alpha": [getattr(layer, "flow_alpha", torch.zeros(0)).tolist() for layer in layers],
+        "kernel_width": [torch.exp(layer.log_kernel_width).tolist() for layer in layers],
+    }
+
+
+def chunk_write_mass(state: dict, pos, val, log_w, params: dict, chunk: int) -> torch.Tensor:
+    """`(num_chunks, H)`: per complete chunk, max over slots of the log of the unnormalised affinity mass
+    `S_m = sum_j w_j exp(-|P_m - p_j|^2 / 2 sigma^2)` the chunk offers slot m. The commit normalises S away (every
+    chunk moves the slots by the same gate, whatever S is), so this is what a mass-gated write could key on."""
+    from dfn.memory_dfn import memory_absorb, memory_commit
+
+    out = []
+    valid = torch.ones(pos.shape[0], chunk, dtype=torch.bool)
+    for c in range(pos.shape[1] // chunk):
+        span = slice(c * chunk, (c + 1) * chunk)
+        state = memory_absorb(state, pos[:, span], val[:, span], log_w[:, span], valid, params["inv_two_var"])
+        out.append((state["acc_max"] + state["acc_sum"].clamp_min(1e-30).log())[0].amax(-1))
+        state = memory_commit(state, valid[:, -1], params["gate"])
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_cell(cell: dict) -> str:
+    if "skipped" in cell:
+        return "skip"
+    if cell.get("acc") is None:
+        return "-"
+    return f"{cell['acc']:.2f} ({cell['digit_acc']:.2f})"
+
+
+def print_tables(report: dict, args) -> None:
+    lengths = [str(x) for x in args.lengths]
+    width = 14
+    print("\nAccuracy: exact match (per-digit) over all depths; 'skip' = over the eval time cap")
+    print(f"{'model':<12}{'task':<9}" + "".join(f"{x:>{width}}" for x in lengths))
+    for name, res in report["models"].items():
+        for task in TASKS:
+            cells = [fmt_cell(res["eval"][task][x]["all"]) for x in lengths]
+            print(f"{name:<12}{task:<9}" + "".join(f"{c:>{width}}" for c in cells))
+    for name, res in report["models"].items():
+        for task in TASKS:
+            print(f"\n{name} / {task}: exact (per-digit) by depth (rows) and length (columns)")
+            print(f"{'depth':<8}" + "".join(f"{x:>{width}}" for x in lengths))
+            for d in args.depths:
+                cells = [fmt_cell(res["eval"][task][x][str(d)]) for x in lengths]
+                print(f"{d:<8}" + "".join(f"{c:>{width}}" for c in cells))
+
+
+def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    lengths = [str(x) for x in args.lengths]
+    for name, res in report["models"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(lengths) * 2, 1.2 + 0.6 * len(args.depths)))
+        for ax, task in zip(axes, TASKS, strict=True):
+            grid = np.full((len(args.depths), len(lengths)), np.nan)
+            for r, d in enumerate(args.depths):
+                for c, x in enumerate(lengths):
+                    cell = res["eval"][task][x][str(d)]
+                    if "skipped" not in cell and cell.get("acc") is not None:
+                        grid[r, c] = cell["acc"]
+            cmap = matplotlib.colormaps["viridis"].copy()
+            cmap.set_bad("lightgrey")
+            ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=cmap, aspect="auto")
+            for r, d in enumerate(args.depths):
+                for c, x in enumerate(lengths):
+                    cell = res["eval"][task][x][str(d)]
+                    text = "skip" if "skipped" in cell else ("-" if cell.get("acc") is None else fmt_cell(cell))
+                    ax.text(
+                        c,
+                        r,
+                        text.replace(" ", "\n"),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if np.isnan(grid[r, c]) or grid[r, c] > 0.5 else "white",
+                    )
+            ax.set_xticks(range(len(lengths)), lengths)
+            ax.set_yticks(range(len(args.depths)), [str(d) for d in args.depths])
+            ax.set_xlabel("context length (bytes)")
+            ax.set_ylabel("depth" if task == "passkey" else "depth bin of queried pair")
+            ax.set_title(f"{name}: {task} exact match (per-digit)", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps, lengths 256/512 (< 1 min)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--steps", type=int, default=300, help="training steps per model")
+    p.add_argument("--lengths", default="1024,4096,16384,65536", help="evaluation context lengths (bytes)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fraction of the filler)")
+    p.add_argument("--train-length", type=int, default=1024, help="longest training sequence (<= 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--loss", choices=("answer", "all"), default="answer", help="train on answer bytes or all bytes")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--pos-dim", type=int, default=2)
+    p.add_argument("--num-neighbors", type=int, default=32)
+    p.add_argument("--memory-slots", type=int, default=16)
+    p.add_argument("--memory-chunk-size", type=int, default=64)
+    p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example")
+    p.add_argument("--num-queries", type=int, default=4, help="MQAR queries per example")
+    p.add_argument("--eval-examples", type=int, default=8, help="examples per (task, length, depth) cell")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--segment", type=int, default=2048, help="bytes per forward call when streaming")
+    p.add_argument("--window", type=int, default=0, help="DFN bounded cache: keep the last W entities (0 = exact)")
+    p.add_argument("--eval-time-cap", type=float, default=300.0, help="seconds per (model, task, length) cell")
+    p.add_argument("--diagnose-length", type=int, default=0, help="diagnosis length (0 = largest eval length <= 4096)")
+    p.add_argument("--no-diagnose", action="store_true")
+    p.add_argument(
+        "--diagnose-only",
+        action="store_true",
+        help="only the diagnosis of the models saved in <out-dir>/models/ (writes diagnosis_<length>.json)",
+    )
+    p.add_argument("--no-save", action="store_true", help="do not save the trained models to <out-dir>/models/")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="evaluate the models saved in <out-dir>/models/ instead of "
+        "training (e.g. at other lengths); models not found there are trained",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch's default); 1 is several times faster than 2 on a shared 2-core machine",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out-dir", default="outputs/long_context")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.train_length, args.batch_size, args.lengths = 24, 256, 4, "256,512"
+        args.depths, args.eval_examples, args.eval_batch = "0,0.5,1", 2, 2
+        args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
+        args.memory_slots, args.memory_chunk_size, args.num_pairs, args.num_queries = 4, 16, 4, 2
+        args.segment, args.eval_time_cap = 256, 60.0
+    args.reuse = args.reuse or args.diagnose_only
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.lengths = sorted(int(x) for x in str(args.lengths).split(","))
+    args.depths = [float(x) for x in str(args.depths).split(",")]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown models {unknown}; known: {MODELS}")
+    if not 0 < args.train_length <= 2048:
+        p.error("--train-length must be in (0, 2048]")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        p.error("--depths must lie in [0, 1]")
+    shortest = max(passkey_min_length(), mqar_min_length(args.num_pairs, args.num_queries))
+    if min(args.lengths) < shortest or args.train_length < shortest:
+        p.error(f"lengths must be >= {shortest} bytes for these tasks")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    print("machine: " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    train_filler, eval_filler = Filler.split(DATA)
+    report = {"meta": {**info, "args": {k: v for k, v in vars(args).items()}}, "models": {}, "diagnosis": {}}
+    wall = time.perf_counter()
+    path = out_dir / (f"diagnosis_{diagnose_length(args)}.json" if args.diagnose_only else "long_context.json")
+    for name in args.models:
+        saved = out_dir / "models" / name
+        if args.reuse and (saved / "train.json").exists():
+            model = load_model(name, saved)
+            train = json.loads((saved / "train.json").read_text())
+            print(f"\n== {name}: reusing the model trained in {saved}", flush=True)
+        else:
+            model = build_model(name, args)
+            print(
+                f"\n== {name}: {num_params(model):,} parameters; training {args.steps} steps on lengths "
+                f"{train_lengths(args)}",
+                flush=True,
+            )
+            train = train_model(model, name, args, train_filler)
+            print(f"{name}: trained in {train['seconds']:.0f} s, final loss {train['final_loss']}", flush=True)
+            if not args.no_save:
+                model.save_pretrained(saved)
+                (saved / "train.json").write_text(json.dumps(train))
+        if args.diagnose_only:
+            report["models"][name] = {"params": num_params(model), "train": train}
+        else:
+            results = evaluate(model, name, args, eval_filler)
+            report["models"][name] = {"params": num_params(model), "train": train, "eval": results}
+        if is_dfn(model) and not args.no_diagnose:
+            length = diagnose_length(args)
+            try:
+                report["diagnosis"][name] = diagnose(model, args, eval_filler, length)
+            except Exception as error:  # a diagnostic must never cost the measured results
+                report["diagnosis"][name] = {"error": f"{type(error).__name__}: {error}"}
+                print(f"diagnosis of {name} failed: {error!r}", flush=True)
+        path.write_text(json.dumps(report, indent=1, default=_json_default))  # partial results survive a crash
+        del model
+    report["meta"]["wall_seconds"] = time.perf_counter() - wall
+    if not args.diagnose_only:
+        print_tables(report, args)
+    if report["diagnosis"]:
+        print("\nDiagnosis at the query (mean over heads; uniform share = needle bytes / length):")
+        for name, diag in report["diagnosis"].items():
+            if "error" in diag:
+                print(f"{name}: diagnosis failed ({diag['error']})")
+                continue
+            print(
+                f"{name} (length {diag['length']}, depth {diag['depth']}, uniform {diag['uniform_needle_share']:.4f})"
+            )
+            for row in diag["per_layer"]:
+                parts = [
+                    f"{k}={np.mean(row[k]):.3g}"
+                    for k in (
+                        "needle_knn",
+                        "slot_needle_share",
+                        "mem_frac",
+                        "needle_mem",
+                        "needle_total",
+                        "gate",
+                        "decay",
+                        "logw_key_minus_filler",
+                        "write_mass_contrast",
+                    )
+                    if k in row
+                ]
+                print(f"  layer {row['layer']}: " + " ".join(parts))
+    report["heatmaps"] = [] if args.diagnose_only else plot_heatmaps(report, args, out_dir)
+    path.write_text(json.dumps(report, indent=1, default=_json_default))
+    print(f"\nwall {report['meta']['wall_seconds']:.0f} s; wrote {', '.join([str(path), *report['heatmaps']])}")
+    return report
+
+
+def diagnose_length(args) -> int:
+    return args.diagnose_length or max([x for x in args.lengths if x <= 4096] or [min(args.lengths)])
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+if __name__ == "__main__":
+    main()

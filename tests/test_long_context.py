@@ -1,0 +1,164 @@
+"""scripts/long_context.py: the task generators are exact, scoring is aligned with greedy decoding, and the --quick
+run writes its JSON report and heat maps."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("long_context", REPO / "scripts" / "long_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lc = load_script()
+
+
+@pytest.fixture(scope="module")
+def fillers():
+    return lc.Filler.split(lc.DATA)
+
+
+def text_of(ids) -> str:
+    return bytes(np.asarray(ids, dtype=np.uint8)).decode()
+
+
+@pytest.mark.parametrize("length", [lc.passkey_min_length(), 300, 1024, 5000])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_passkey_exact(fillers, length, depth):
+    _, filler = fillers
+    ex = lc.make_passkey(np.random.default_rng([length, int(depth * 10)]), filler, length, depth)
+    ids = ex["input_ids"]
+    assert ids.shape == (length,) and ids.dtype == np.int64 and ids.max() < 256
+    text = text_of(ids)
+    key = ex["key"]
+    assert re.fullmatch(r"\d{5}", key)
+    prompt = text[: -lc.KEY_DIGITS]
+    assert prompt.count(key) == 1 and len(re.findall(r"\d", prompt)) == lc.KEY_DIGITS  # no other digit anywhere
+    # the answer is parseable from the needle and is what the last 5 bytes (the scored positions) hold
+    assert re.search(r"The pass key is (\d{5})\. Remember it\.", prompt).group(1) == key
+    assert prompt.endswith(lc.QUESTION) and text[-5:] == key
+    assert list(ex["answers"][0]) == list(range(length - 5, length))
+    # the needle sits at the requested depth of the filler
+    needle = lc.NEEDLE.format(key=key)
+    n_fill = length - len(needle) - len(lc.QUESTION) - lc.KEY_DIGITS
+    assert text.index(needle) == ex["needle_start"] == round(depth * n_fill)
+    assert abs(ex["depths"][0] - depth) <= 1 / max(n_fill, 1)
+    if depth == 1.0:
+        assert text[ex["needle_end"] :].startswith(lc.QUESTION)
+
+
+def test_passkey_too_short(fillers):
+    with pytest.raises(ValueError, match="passkey needs length"):
+        lc.make_passkey(np.random.default_rng(0), fillers[1], lc.passkey_min_length() - 1, 0.5)
+
+
+@pytest.mark.parametrize("length,pairs,queries", [(61, 4, 2), (256, 4, 4), (2048, 8, 4), (9000, 16, 5)])
+def test_mqar_exact(fillers, length, pairs, queries):
+    ex = lc.make_mqar(np.random.default_rng(length), fillers[1], length, pairs, queries)
+    ids = ex["input_ids"]
+    assert ids.shape == (length,)
+    text = text_of(ids)
+    body, suffix = text.rsplit("\n", 1)
+    found = re.findall(r"\[([a-z]{4})=(\d{3})\]", body)
+    assert len(found) == pairs and len({k for k, _ in found}) == pairs  # distinct keys, each stored once
+    table = dict(found)
+    asked = re.findall(r"\[([a-z]{4})=(\d{3})\]", suffix)
+    assert len(asked) == queries and "".join(f"[{k}={v}]" for k, v in asked) == suffix
+    assert [k for k, _ in asked] == ex["keys"] and [table[k] for k in ex["keys"]] == ex["values"]
+    assert len(ex["answers"]) == queries and len(ex["depths"]) == queries
+    for positions, value, depth in zip(ex["answers"], ex["values"], ex["depths"], strict=True):
+        assert text_of(ids[positions]) == value  # the scored positions hold the queried value
+        assert 0 <= depth <= 1
+    assert len(re.findall(r"\d", body)) == 3 * pairs  # the filler has no digits
+
+
+def test_mqar_too_short(fillers):
+    with pytest.raises(ValueError, match="mqar needs length"):
+        lc.make_mqar(np.random.default_rng(0), fillers[1], lc.mqar_min_length(4, 2) - 1, 4, 2)
+
+
+def test_stream_deterministic_batches_share_length(fillers):
+    args = Namespace(loss="answer", num_pairs=4, num_queries=2)
+    stream = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
+    items = [stream.example(i) for i in range(12)]
+    again = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
+    assert all(torch.equal(a["input_ids"], again.example(i)["input_ids"]) for i, a in enumerate(items))
+    for b in range(0, 12, 3):
+        assert len({len(x["input_ids"]) for x in items[b : b + 3]}) == 1
+    assert {len(x["input_ids"]) for x in items} == {128, 256}
+    for x in items:
+        scored = x["labels"] != lc.IGNORE
+        assert scored.sum() in (5, 6)  # passkey: 5 digits; mqar: 2 queries x 3 digits
+        assert torch.equal(x["labels"][scored], x["input_ids"][scored])
+        assert bool(((x["input_ids"][scored] >= ord("0")) & (x["input_ids"][scored] <= ord("9"))).all())
+
+
+@pytest.mark.parametrize("kind", ["dfn", "llama"])
+def test_teacher_forced_score_matches_greedy(kind, fillers):
+    """Streaming in segments, the argmax scored at each answer position is the greedy continuation."""
+    args = Namespace(
+        hidden_size=32, layers=2, heads=2, pos_dim=2, num_neighbors=4, memory_slots=3, memory_chunk_size=8,
+        seed=0, lengths=[256], train_length=256, segment=37, window=0,
+    )  # fmt: skip
+    model = lc.build_model(kind, args).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ex = lc.make_passkey(np.random.default_rng(1), fillers[1], 150, 0.5)
+    prompt = torch.from_numpy(ex["input_ids"][:-5]).unsqueeze(0)
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=256)
+    seq = greedy
+    scores = lc.score_batch(model, seq, [[np.arange(145, 150)]], args)
+    assert scores[0][0].all(), scores
+    # and a different continuation is scored wrong at its first differing position
+    other = seq.clone()
+    other[0, 145] = (other[0, 145] + 1) % 259
+    assert not lc.score_batch(model, other, [[np.arange(145, 150)]], args)[0][0][0]
+
+
+def test_quick_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "torch_threads=" in out and "transformers=" in out and "Accuracy: exact match" in out
+    report = json.loads((tmp_path / "long_context.json").read_text())
+    assert set(report["models"]) == {"dfn", "dfn-nomem", "dfn-noflow", "llama"}
+    params = {name: res["params"] for name, res in report["models"].items()}
+    assert abs(params["llama"] - params["dfn"]) / params["dfn"] < 0.05  # same-size baseline
+    for res in report["models"].values():
+        assert res["train"]["steps"] == 24 and len(res["train"]["loss_curve"]) > 0
+        for task in ("passkey", "mqar"):
+            assert set(res["eval"][task]) == {"256", "512"}
+            for cells in res["eval"][task].values():
+                assert set(cells) == {"0.0", "0.5", "1.0", "all"}
+                cell = cells["all"]
+                assert "skipped" in cell or (0 <= cell["acc"] <= 1 and 0 <= cell["digit_acc"] <= 1 and cell["n"] > 0)
+        assert res["eval"]["passkey"]["256"]["all"]["n"] == 6  # 3 depths x 2 examples
+        assert res["eval"]["mqar"]["256"]["all"]["n"] == 12  # 3 runs x 2 examples x 2 queries
+    diag = report["diagnosis"]["dfn"]
+    assert diag["length"] == 512 and len(diag["per_layer"]) == 2
+    assert {"needle_knn", "mem_frac", "needle_mem", "needle_total", "gate", "decay"} <= set(diag["per_layer"][0])
+    for name in report["models"]:
+        png = tmp_path / f"heatmap_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
