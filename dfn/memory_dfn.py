@@ -147,6 +147,11 @@ def memory_scan(
     Returns:
         read values `(B, N, H, D)`, read log-normalisers `(B, N, H)` (or None) and the new state.
     """
+    if pos.shape[1] == 1:  # one entity per row (decoding): it is its own chunk slice, no layout needed
+        out, lse = memory_read(pos, state, params["slot_log_weight"], params["inv_two_var"]) if read else (None, None)
+        state = memory_absorb(state, pos, val, log_weight, valid, params["inv_two_var"])
+        completes = valid[:, 0] & (position_ids[:, 0] % chunk_size == chunk_size - 1)
+        return out, lse, memory_commit(state, completes, params["gate"])
     slot, num_chunks, laid_valid = chunk_layout(position_ids, valid, chunk_size)
     length = num_chunks * chunk_size
     laid = [_to_layout(x, slot, length) for x in (pos, val, log_weight)]
