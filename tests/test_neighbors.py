@@ -1,0 +1,258 @@
+"""Causal kNN: the oracle on a hand-made example, and the fast search against the oracle.
+
+The fast search must return exactly the oracle's neighbours (same indices, same order, same tie rule) on
+every layout, and stay causal. Small block geometries make small inputs exercise many levels, window
+growth and chunking.
+"""
+
+import pytest
+import torch
+from conftest import make_model, max_diff, pad_batch, random_ids, tiny_config
+
+import dfn.neighbors_dfn as nd
+from dfn.neighbors_dfn import causal_knn, causal_knn_fast, causal_knn_reference
+
+LAYOUTS = ("time", "iid", "clustered", "equal", "duplicates", "lattice", "reversed")
+# (leaf L, previous leaves P, first window, budget): the default and small ones that reach deep levels
+GEOMETRIES = {
+    "default": (64, 1, 64, 1 << 20),
+    "small": (4, 0, 2, 1 << 20),
+    "small-chunks": (8, 2, 4, 512),
+}
+
+
+@pytest.fixture(params=sorted(GEOMETRIES))
+def geometry(request, monkeypatch):
+    leaf, previous, window, budget = GEOMETRIES[request.param]
+    monkeypatch.setattr(nd, "_LEAF", leaf)
+    monkeypatch.setattr(nd, "_PREVIOUS", previous)
+    monkeypatch.setattr(nd, "_WINDOW", window)
+    monkeypatch.setattr(nd, "_BUDGET", budget)
+    return request.param
+
+
+def layout(name: str, batch: int, length: int, heads: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """`(B, T, H, k)` positions."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, length, heads, dim)
+    time = torch.arange(length, dtype=torch.float32).view(1, -1, 1, 1)
+    if name == "time":  # the model's layout: coordinate 0 = t · time scale + drift, the others drift
+        scale = torch.logspace(-2, 0, heads).view(1, 1, heads, 1)
+        base = torch.cat([(time * scale).expand(batch, -1, heads, 1), torch.zeros(*shape[:3], dim - 1)], -1)
+        return base + 0.5 * torch.randn(shape, generator=gen)
+    if name == "iid":
+        return torch.rand(shape, generator=gen)
+    if name == "clustered":
+        centres = 5 * torch.randn(4, dim, generator=gen)
+        which = torch.randint(0, 4, shape[:3], generator=gen)
+        return centres[which] + 0.01 * torch.randn(shape, generator=gen)
+    if name == "equal":
+        return torch.full(shape, 0.5)
+    if name == "duplicates":
+        return torch.randint(0, 3, shape, generator=gen).float()
+    if name == "lattice":  # time-ordered groups of equal coordinate 0, integer offsets: ties everywhere
+        pos = torch.randint(0, 2, shape, generator=gen).float()
+        pos[..., 0] = (time // 3).view(1, -1, 1)
+        return pos
+    if name == "reversed":
+        return -time.expand(shape).clone() + 0.1 * torch.randn(shape, generator=gen)
+    raise ValueError(name)
+
+
+def masks(length: int, seed: int = 1) -> torch.Tensor:
+    """`(4, T)` key masks, one per batch element: none, left padding, right padding, random holes."""
+    key_valid = torch.ones(4, length, dtype=torch.bool)
+    key_valid[1, : (2 * length) // 3] = False
+    key_valid[2, length // 2 :] = False
+    key_valid[3] = torch.rand(length, generator=torch.Generator().manual_seed(seed)) > 0.3
+    return key_valid
+
+
+def neighbour_dist(query_pos, key_pos, indices, valid) -> torch.Tensor:
+    """`(B, N, H, K')` squared distances of the chosen neighbours (the oracle's formula), 0 where invalid."""
+    batch, _, heads, _ = query_pos.shape
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.arange(heads).view(1, 1, -1, 1)
+    near = key_pos[b, indices, h]  # (B, N, H, K', k)
+    return (query_pos.unsqueeze(3) - near).pow(2).sum(-1).masked_fill(~valid, 0.0)
+
+
+def assert_matches_oracle(query_pos, key_pos, key_valid, num_neighbors, offset, label="") -> dict:
+    """The fast search returns the oracle's neighbours (indices, order, validity); returns its stats."""
+    ref_idx, ref_valid = causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, offset)
+    stats: dict = {}
+    idx, valid = causal_knn_fast(query_pos, key_pos, key_valid, num_neighbors, offset, stats=stats)
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.long, label
+    assert torch.equal(valid, ref_valid), label
+    ref_dist = neighbour_dist(query_pos, key_pos, ref_idx, ref_valid)
+    dist = neighbour_dist(query_pos, key_pos, idx, valid)
+    diff = (ref_dist - dist).abs().max().item() if dist.numel() else 0.0
+    print(f"{label}: largest neighbour-distance difference {diff}")
+    assert diff == 0.0, label
+    ref_set, fast_set = ref_idx.masked_fill(~ref_valid, -1), idx.masked_fill(~valid, -1)
+    assert torch.equal(ref_set.sort(-1).values, fast_set.sort(-1).values), label
+    assert torch.equal(ref_set, fast_set), label  # same order, ties included
+    own = torch.arange(query_pos.shape[1]).view(1, -1, 1, 1) + offset
+    assert bool(((idx >= 0) & (idx <= own)).all()), label  # every slot, valid or not, is a causal index
+    return stats
+
+
+def test_oracle_hand_made_example():
+    # one head, k = 1; positions by time index: 0.0, 1.0, 3.0, 1.0, 2.0, 10.0 (key 2 is padding)
+    pos = torch.tensor([0.0, 1.0, 3.0, 1.0, 2.0, 10.0]).view(1, 6, 1, 1)
+    key_valid = torch.tensor([[True, True, False, True, True, True]])
+    idx, valid = causal_knn_reference(pos, pos, key_valid, 3)
+    assert idx.shape == (1, 6, 1, 3)
+    expected = [
+        [0],  # query 0 sees only itself
+        [1, 0],
+        [1, 0],  # query 2 (padding) sees valid keys 0 and 1, never itself
+        [3, 1, 0],  # keys 1 and 3 both at distance 0 from query 3: the more recent (3) first
+        [4, 3, 1],  # keys 1 and 3 tie at distance 1 from query 4: 3 before 1, and key 0 (distance 2) drops
+        [5, 4, 3],  # keys 3 and 1 tie at distance 9: the more recent (3) wins the last slot
+    ]
+    for i, want in enumerate(expected):
+        got = idx[0, i, 0][valid[0, i, 0]].tolist()
+        assert got == want, (i, got, want)
+    assert valid.sum().item() == sum(len(w) for w in expected)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fast_equals_oracle_full_pass(geometry, name, dim):
+    # batch elements: no padding, left padding, right padding, holes; K from 1 to more than N
+    for length in (1, 5, 70, 301):
+        pos = layout(name, 4, length, 2, dim, seed=length)
+        for num_neighbors in (1, 4, 16):
+            label = f"{geometry} {name} k={dim} N={length} K={num_neighbors}"
+            assert_matches_oracle(pos, pos, masks(length), num_neighbors, 0, label)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fast_equals_oracle_cached_queries(geometry, name, dim):
+    length = 233
+    pos = layout(name, 4, length, 2, dim, seed=7)
+    for new in (1, 3, 70):
+        offset = length - new
+        for num_neighbors in (1, 4, 16):
+            label = f"{geometry} {name} k={dim} offset={offset} K={num_neighbors}"
+            assert_matches_oracle(pos[:, offset:], pos, masks(length), num_neighbors, offset, label)
+
+
+def test_fast_equals_oracle_queries_differ_from_keys():
+    # the contract allows query positions other than the keys' own (e.g. a moved query)
+    keys = layout("time", 1, 300, 3, 2)
+    queries = keys[:, 200:] + 0.3 * torch.randn(1, 100, 3, 2, generator=torch.Generator().manual_seed(3))
+    assert_matches_oracle(queries, keys, torch.ones(1, 300, dtype=torch.bool), 8, 200, "moved queries")
+
+
+@pytest.mark.parametrize("name", ["time", "iid", "duplicates", "lattice"])
+def test_fast_equals_oracle_long(name):
+    # default geometry, several levels of dyadic blocks and windows that grow within big blocks
+    pos = layout(name, 1, 2600, 2, 2, seed=5)
+    key_valid = masks(2600)[3:]
+    assert_matches_oracle(pos, pos, key_valid, 16, 0, f"long {name}")
+
+
+def test_fast_more_neighbours_than_the_dense_span():
+    # default geometry: K > (P+1)·L dense slots (the oracle needs offset + 128 >= K, so queries start late)
+    pos = layout("time", 1, 400, 2, 2)
+    assert_matches_oracle(pos[:, 200:], pos, masks(400)[3:], 150, 200, "K=150")
+
+
+@pytest.mark.parametrize("name", ["time", "iid", "duplicates"])
+def test_fast_is_causal(geometry, name):
+    length, cut = 260, 150
+    pos = layout(name, 4, length, 2, 2)
+    key_valid = masks(length)
+    idx, valid = causal_knn_fast(pos, pos, key_valid, 8)
+    moved = pos.clone()
+    moved[:, cut:] = 100 * torch.randn(4, length - cut, 2, 2) if name != "duplicates" else 0.0
+    moved_valid = key_valid.clone()
+    moved_valid[:, cut:] = ~moved_valid[:, cut:]
+    idx2, valid2 = causal_knn_fast(moved, moved, moved_valid, 8)
+    assert torch.equal(valid[:, :cut], valid2[:, :cut])
+    before, after = idx.masked_fill(~valid, -1)[:, :cut], idx2.masked_fill(~valid2, -1)[:, :cut]
+    assert torch.equal(before, after)
+
+
+def run_fast(pos: torch.Tensor, num_neighbors: int = 16) -> dict:
+    stats: dict = {}
+    causal_knn_fast(pos, pos, torch.ones(pos.shape[:2], dtype=torch.bool), num_neighbors, stats=stats)
+    return stats
+
+
+def test_stats_count_the_work():
+    length = 4096
+    # a pure time line: the K nearest earlier entities are the K most recent, all in the dense leaves, and
+    # every older block is excluded by its box: no block is searched, nothing falls back
+    line = torch.arange(length, dtype=torch.float32).view(1, -1, 1, 1).expand(1, length, 2, 2).clone()
+    line[..., 1] = 0.0
+    stats = run_fast(line)
+    assert stats["queries"] == 2 * length
+    assert stats["block_visits"] == 0 and stats["fallbacks"] == 0
+    # the model's layout: some block searches need a second window; far fewer candidates than the oracle's
+    # N²/2 (query, key) pairs
+    stats = run_fast(layout("time", 1, length, 2, 2))
+    print("time", stats)
+    assert 0 < stats["fallbacks"] <= stats["block_visits"] <= stats["queries"] * 6
+    assert stats["candidates"] < 0.1 * stats["queries"] * length / 2
+    # i.i.d. points ignore time: every block is searched and first windows rarely settle; still exact
+    stats = run_fast(layout("iid", 1, length, 2, 2))
+    print("iid", stats)
+    assert stats["fallbacks"] > 0.5 * stats["block_visits"] > 0
+    # counters accumulate over calls into the same dict
+    before = stats["queries"]
+    causal_knn_fast(line, line, torch.ones(1, length, dtype=torch.bool), 16, stats=stats)
+    assert stats["queries"] == before + 2 * length
+
+
+def test_dispatch():
+    pos = layout("time", 4, 300, 2, 2)
+    key_valid = masks(300)
+    ref = causal_knn_reference(pos, pos, key_valid, 8)
+    for method in ("reference", "fast", "auto"):
+        idx, valid = causal_knn(pos, pos, key_valid, 8, 0, method)
+        assert torch.equal(valid, ref[1])
+        assert torch.equal(idx.masked_fill(~valid, -1), ref[0].masked_fill(~valid, -1))
+    step = causal_knn(pos[:, -1:], pos, key_valid, 8, 299, "auto")  # one decoding step
+    assert torch.equal(step[0].masked_fill(~step[1], -1), ref[0][:, -1:].masked_fill(~ref[1][:, -1:], -1))
+    with pytest.raises(ValueError):
+        causal_knn(pos, pos, key_valid, 8, 0, "approximate")
+
+
+def test_fast_handles_empty_and_degenerate_inputs():
+    pos = torch.zeros(1, 0, 2, 2)
+    idx, valid = causal_knn_fast(pos, pos, torch.ones(1, 0, dtype=torch.bool), 4)
+    assert idx.shape == (1, 0, 2, 0) and valid.shape == (1, 0, 2, 0)
+    pos = layout("iid", 2, 50, 2, 2)
+    none_valid = torch.zeros(2, 50, dtype=torch.bool)
+    idx, valid = causal_knn_fast(pos, pos, none_valid, 4)
+    assert not valid.any()
+    assert_matches_oracle(pos, pos, none_valid, 4, 0, "no valid key")
+
+
+@pytest.mark.parametrize("config_name", ["k3-mem-residual", "k1-mem-seed"])
+def test_model_with_fast_search_equals_reference(config_name):
+    sequences = [random_ids(1, n, seed=n)[0] for n in (300, 211)]
+    ids, mask = pad_batch(sequences, "left", garbage=True)
+    real = mask.bool()
+    logits = {}
+    for method in ("reference", "fast"):
+        model = make_model(tiny_config(config_name, neighbor_search=method, num_neighbors=16))
+        with torch.no_grad():
+            logits[method] = model(ids, attention_mask=mask).logits
+    diff = max_diff(logits["fast"][real], logits["reference"][real])
+    print(f"{config_name}: largest logit difference fast vs reference {diff}")
+    assert diff <= 1e-5
+    # cached decoding with the fast search, in chunks of mixed sizes, equals the full pass
+    cache, parts, start = None, [], 0
+    with torch.no_grad():
+        for size in (150, 7, 1, 60, 1, 81):
+            out = model(ids[:, start : start + size], attention_mask=mask[:, : start + size], cache=cache)
+            cache, start = out.cache, start + size
+            parts.append(out.logits)
+    diff = max_diff(torch.cat(parts, 1)[real], logits["fast"][real])
+    print(f"{config_name}: largest logit difference cached vs full pass {diff}")
+    assert diff <= 1e-4
