@@ -55,9 +55,13 @@ def causal_knn_reference(
             allowed = (key_index.view(1, -1) <= query_index.view(-1, 1)).view(1, 1, stop - start, num_keys)
             allowed = allowed & key_valid[:, :num_keys].flip(1).view(batch, 1, 1, num_keys)
             dist = dist.masked_fill(~allowed, float("inf"))
-            order = torch.sort(dist, dim=-1, stable=True).indices[..., :width]  # (B, H, n, K')
+            order = torch.sort(dist, dim=-1, stable=True).indices[..., :width]  # (B, H, n, <= K')
+            chosen = allowed.expand_as(dist).gather(-1, order)
+            if order.shape[-1] < width:  # an early query chunk has fewer than K' keys: pad with invalid slots
+                missing = order.new_zeros(*order.shape[:-1], width - order.shape[-1])
+                order, chosen = torch.cat([order, missing], -1), torch.cat([chosen, missing.bool()], -1)
             indices.append((num_keys - 1 - order).permute(0, 2, 1, 3))
-            valid.append(allowed.expand_as(dist).gather(-1, order).permute(0, 2, 1, 3))
+            valid.append(chosen.permute(0, 2, 1, 3))
     return torch.cat(indices, 1), torch.cat(valid, 1)
 
 
@@ -373,6 +377,37 @@ def causal_knn_fast(
         return search.result()
 
 
+def causal_knn_scan(
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    num_neighbors: int,
+    query_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal kNN for a few queries (a decoding step): one pass over the keys and an integer top-k.
+
+    Same signature and result as `causal_knn_reference`. Each (distance, index) pair is packed into an int64 key
+    that orders as the oracle does (nearer first, the larger index first among equal distances); keys are unique,
+    so `topk` is exact and deterministic. O(N·T) like the oracle but without its sort: for N = 1 it reads each
+    cached position once.
+    """
+    batch, num_queries, heads, dim = query_pos.shape
+    num_keys = query_offset + num_queries
+    width = min(num_neighbors, num_keys)
+    with torch.no_grad():
+        query = query_pos.float().permute(0, 2, 1, 3).unsqueeze(3)  # (B, H, N, 1, k)
+        keys = key_pos[:, :num_keys].float().permute(0, 2, 1, 3).unsqueeze(2)  # (B, H, 1, T, k)
+        dist = _sq_dist([query[..., c] for c in range(dim)], [keys[..., c] for c in range(dim)])  # (B, H, N, T)
+        index = torch.arange(num_keys, device=query_pos.device)
+        own = torch.arange(num_queries, device=query_pos.device) + query_offset
+        ok = (index.view(1, -1) <= own.view(-1, 1)).view(1, 1, num_queries, num_keys)
+        ok = ok & key_valid[:, :num_keys].view(batch, 1, 1, num_keys)
+        best = torch.topk(_sort_keys(dist, _LOW32 - index, ok), width, dim=-1, largest=False).values
+        valid = best != _NO_KEY
+        chosen = (_LOW32 - (best & _LOW32)).masked_fill(~valid, 0)
+    return chosen.permute(0, 2, 1, 3), valid.permute(0, 2, 1, 3)
+
+
 def causal_knn(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
@@ -383,15 +418,18 @@ def causal_knn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the configured search; every method returns the same result.
 
-    `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: the oracle where it is
-    cheaper (one or two queries, e.g. a decoding step, or a tiny problem), else the fast search."""
+    `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: `causal_knn_scan` for one or
+    two queries (a decoding step), the oracle for tiny problems, else the fast search."""
     if method not in ("auto", "fast", "reference"):
         raise ValueError(f"unknown neighbour search {method!r}")
     num_queries = query_pos.shape[1]
-    tiny = num_queries <= 2 or num_queries * (query_offset + num_queries) <= _REFERENCE_MAX_PAIRS
-    if method == "reference" or (method == "auto" and tiny):
+    if method == "reference":
+        return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
+    if method == "auto" and num_queries <= 2:
+        return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
+    if method == "auto" and num_queries * (query_offset + num_queries) <= _REFERENCE_MAX_PAIRS:
         return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
     return causal_knn_fast(query_pos, key_pos, key_valid, num_neighbors, query_offset)
 
 
-__all__ = ["causal_knn", "causal_knn_fast", "causal_knn_reference"]
+__all__ = ["causal_knn", "causal_knn_fast", "causal_knn_reference", "causal_knn_scan"]

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model, max_diff, pad_batch, random_ids, tiny_config
 
 import dfn.neighbors_dfn as nd
-from dfn.neighbors_dfn import causal_knn, causal_knn_fast, causal_knn_reference
+from dfn.neighbors_dfn import causal_knn, causal_knn_fast, causal_knn_reference, causal_knn_scan
 
 LAYOUTS = ("time", "iid", "clustered", "equal", "duplicates", "lattice", "reversed")
 # (leaf L, previous leaves P, first window, budget): the default and small ones that reach deep levels
@@ -138,6 +138,29 @@ def test_fast_equals_oracle_cached_queries(geometry, name, dim):
         for num_neighbors in (1, 4, 16):
             label = f"{geometry} {name} k={dim} offset={offset} K={num_neighbors}"
             assert_matches_oracle(pos[:, offset:], pos, masks(length), num_neighbors, offset, label)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_scan_equals_oracle_for_decoding_steps(name, dim):
+    """The decoding-step search (`causal_knn_scan`) returns the oracle's neighbours, order and ties included."""
+    length = 233
+    pos = layout(name, 4, length, 2, dim, seed=8)
+    for new in (1, 2, 5):
+        offset = length - new
+        for num_neighbors in (1, 4, 16, 300):
+            ref_idx, ref_valid = causal_knn_reference(pos[:, offset:], pos, masks(length), num_neighbors, offset)
+            idx, valid = causal_knn_scan(pos[:, offset:], pos, masks(length), num_neighbors, offset)
+            assert torch.equal(valid, ref_valid)
+            assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1))
+
+
+def test_reference_pads_early_query_chunks():
+    """More neighbours than keys seen by an early chunk of queries: padded with invalid slots, not a crash."""
+    pos = layout("time", 1, 300, 1, 2)
+    idx, valid = causal_knn_reference(pos, pos, torch.ones(1, 300, dtype=torch.bool), 200, 0, query_chunk=128)
+    assert idx.shape == (1, 300, 1, 200)
+    assert bool((valid.sum(-1).view(-1) == torch.arange(1, 301).clamp_max(200)).all())
 
 
 def test_fast_equals_oracle_queries_differ_from_keys():
