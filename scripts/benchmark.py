@@ -29,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (0: torch's default)")
     parser.add_argument("--min-length", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=131072)
-    parser.add_argument("--train-max-length", type=int, default=32768, help="longest forward+backward measured")
+    parser.add_argument("--train-max-length", type=int, default=16384, help="longest forward+backward measured")
     parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -123,6 +124,8 @@ def timed(fn, device, repeats: int, long_run: bool) -> float:
 def worker(spec: dict, args) -> dict:
     """One measurement in this (fresh) process: `spec` = {kind, mode: "forward"|"train"|"decode", length}."""
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(spec["kind"], args).to(device)
     ids = torch.randint(0, 256, (1, spec["length"]), device=device)
@@ -224,7 +227,7 @@ def environment(args) -> dict:
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
