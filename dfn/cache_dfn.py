@@ -6,6 +6,8 @@ Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .neighbors_dfn import DECODE_BLOCK, block_boxes
+
 
 def cache_signature(config) -> dict:
     """The config fields a cache's tensors depend on; a cache is only valid for a model with the same ones."""
@@ -41,6 +43,7 @@ class DFNCacheLayer(CacheLayerMixin):
         self.start = self.end = 0
         self.memory: dict | None = None
         self.memory_stale = False
+        self.boxes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         batch, length, heads, features = key_states.shape
@@ -48,8 +51,9 @@ class DFNCacheLayer(CacheLayerMixin):
         self.start = self.end = 0
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Append new entities' packed features `(B, N, H, F)`; returns all cached ones `(B, T + N, H, F)`."""
+    def update(self, key_states: torch.Tensor, key_valid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Append new entities' packed features `(B, N, H, F)`; returns all cached ones `(B, T + N, H, F)`.
+        `key_valid` `(B, T + N)` marks the real entities among them (for the block boxes)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         count = key_states.shape[1]
@@ -62,11 +66,25 @@ class DFNCacheLayer(CacheLayerMixin):
             self.buffer, self.start, self.end = grown, 0, kept
         self.buffer[:, self.end : self.end + count] = key_states.detach()
         self.end += count
+        if self.start == 0:
+            self._extend_boxes(key_valid)
         return self.features
 
+    def _extend_boxes(self, key_valid: torch.Tensor) -> None:
+        """Add the bounding boxes of newly completed blocks: the decoding search structure (`causal_knn_blocks`)."""
+        done = 0 if self.boxes is None else self.boxes[0].shape[1]
+        complete = self.end // DECODE_BLOCK
+        if complete > done:
+            new = block_boxes(self.positions, key_valid, done, complete)
+            self.boxes = (
+                new if self.boxes is None else tuple(torch.cat(p, 1) for p in zip(self.boxes, new, strict=True))
+            )
+
     def trim(self, window: int) -> None:
-        """Keep only the last `window` entities."""
+        """Keep only the last `window` entities (then at most `window` are searched: no block structure)."""
         self.start = max(self.start, self.end - window)
+        if self.start:
+            self.boxes = None
 
     @property
     def length(self) -> int:
@@ -101,7 +119,7 @@ class DFNCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.memory = None, None
+        self.buffer, self.memory, self.boxes = None, None, None
         self.start = self.end = 0
         self.memory_stale = False
         self.is_initialized = False
@@ -116,6 +134,8 @@ class DFNCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.buffer = fn(self.buffer)
+        if self.boxes is not None:
+            self.boxes = tuple(fn(t) for t in self.boxes)
         if self.memory is not None:
             self.memory = {name: fn(t) for name, t in self.memory.items()}
 
@@ -135,6 +155,8 @@ class DFNCacheLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         self.end = max(self.end + tokens_to_remove, self.start)
+        if self.boxes is not None:
+            self.boxes = tuple(t[:, : self.end // DECODE_BLOCK] for t in self.boxes)
         if self.memory is not None:
             self.memory, self.memory_stale = None, True
 

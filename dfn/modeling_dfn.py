@@ -195,9 +195,9 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             features = new_features
         elif new_features.requires_grad:  # keep the new entities' gradient path (the cache stores detached copies)
             features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
-            cache_layer.update(new_features)
+            cache_layer.update(new_features, key_mask)
         else:
-            features = cache_layer.update(new_features)
+            features = cache_layer.update(new_features, key_mask)
         offset = features.shape[1] - positions.shape[1]
         indices, valid = causal_knn(
             positions.detach(),
@@ -206,6 +206,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.config.num_neighbors,
             offset,
             self.config.neighbor_search,
+            boxes=cache_layer.boxes if cache_layer is not None else None,
         )
         pieces = [
             self._kernel_average(

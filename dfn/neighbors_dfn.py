@@ -408,6 +408,76 @@ def causal_knn_scan(
     return chosen.permute(0, 2, 1, 3), valid.permute(0, 2, 1, 3)
 
 
+DECODE_BLOCK = 64  # entities per block of the decoding search structure kept in the cache
+_DECODE_TOP_BLOCKS = 8  # blocks searched densely per decoding step (besides the unfinished tail)
+
+
+def block_boxes(
+    key_pos: torch.Tensor, key_valid: torch.Tensor, first: int, last: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounding boxes `(B, last - first, H, k)` (low, high) of the valid keys of blocks `first..last-1` of
+    `DECODE_BLOCK` entities of `key_pos` `(B, T, H, k)`; a block without valid keys gets an empty box (+inf, -inf)."""
+    span = slice(first * DECODE_BLOCK, last * DECODE_BLOCK)
+    pos = key_pos[:, span].float()
+    valid = key_valid[:, span].view(pos.shape[0], -1, 1, 1)
+    blocks = (pos.shape[0], last - first, DECODE_BLOCK, *pos.shape[2:])
+    low = pos.masked_fill(~valid, float("inf")).reshape(blocks).amin(2)
+    high = pos.masked_fill(~valid, float("-inf")).reshape(blocks).amax(2)
+    return low, high
+
+
+def causal_knn_blocks(
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    num_neighbors: int,
+    query_offset: int,
+    boxes: tuple[torch.Tensor, torch.Tensor],
+    stats: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal kNN for one decoding query per row over a cached block structure; result as the oracle's.
+
+    `boxes` are the bounding boxes `(B, nb, H, k)` of the first `nb` complete blocks of `DECODE_BLOCK` keys (kept
+    and extended by the cache as blocks complete). Candidates: the unfinished tail after those blocks, plus the
+    `_DECODE_TOP_BLOCKS` blocks whose boxes are nearest. The answer is exact when every row and head found K valid
+    candidates strictly nearer than the nearest unsearched box (its entities cannot win, not even a tie); otherwise
+    the step falls back to `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(nb) box bounds
+    plus O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
+    """
+    batch, num_queries, heads, dim = query_pos.shape
+    low, high = boxes
+    num_blocks, num_keys = low.shape[1], query_offset + num_queries
+    top = min(_DECODE_TOP_BLOCKS, num_blocks)
+    with torch.no_grad():
+        query = query_pos[:, -1].float()  # (B, H, k)
+        gap = (low - query.unsqueeze(1)).clamp_min(0) + (query.unsqueeze(1) - high).clamp_min(0)  # (B, nb, H, k)
+        bound = _sq_dist([gap[..., c] for c in range(dim)], [torch.zeros_like(gap[..., 0])] * dim)  # (B, nb, H)
+        bound, order = torch.topk(bound.transpose(1, 2), min(top + 1, num_blocks), dim=-1, largest=False)
+        offsets = torch.arange(DECODE_BLOCK, device=query.device)
+        chosen = (order[..., :top].unsqueeze(-1) * DECODE_BLOCK + offsets).flatten(2)  # (B, H, top * block)
+        tail = torch.arange(num_blocks * DECODE_BLOCK, num_keys, device=query.device).expand(batch, heads, -1)
+        index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
+        rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
+        cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
+        dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
+        ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & (index < num_keys)
+        best = torch.topk(
+            _sort_keys(dist, _LOW32 - index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
+        ).values  # (B, H, K')
+        kth_dist, _ = _kth(best[..., -1])
+        settled = top == num_blocks or bool((kth_dist < bound[..., top]).all())
+    if stats is not None:
+        stats["steps"] = stats.get("steps", 0) + 1
+        stats["candidates"] = stats.get("candidates", 0) + index.shape[-1]
+    if not settled or best.shape[-1] < min(num_neighbors, num_keys):
+        if stats is not None:
+            stats["fallbacks"] = stats.get("fallbacks", 0) + 1
+        return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
+    valid = best != _NO_KEY
+    found = (_LOW32 - (best & _LOW32)).masked_fill(~valid, 0)
+    return found.unsqueeze(1), valid.unsqueeze(1)
+
+
 def causal_knn(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
@@ -415,16 +485,20 @@ def causal_knn(
     num_neighbors: int,
     query_offset: int = 0,
     method: str = "auto",
+    boxes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the configured search; every method returns the same result.
 
-    `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: `causal_knn_scan` for one or
-    two queries (a decoding step), the oracle for tiny problems, else the fast search."""
+    `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: for a decoding step
+    `causal_knn_blocks` over the cache's block `boxes` (or `causal_knn_scan` without them, or for two queries),
+    the oracle for tiny problems, else the fast search."""
     if method not in ("auto", "fast", "reference"):
         raise ValueError(f"unknown neighbour search {method!r}")
     num_queries = query_pos.shape[1]
     if method == "reference":
         return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
+    if method == "auto" and num_queries == 1 and boxes is not None and boxes[0].shape[1] > _DECODE_TOP_BLOCKS:
+        return causal_knn_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, boxes)
     if method == "auto" and num_queries <= 2:
         return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
     if method == "auto" and num_queries * (query_offset + num_queries) <= _REFERENCE_MAX_PAIRS:
@@ -432,4 +506,12 @@ def causal_knn(
     return causal_knn_fast(query_pos, key_pos, key_valid, num_neighbors, query_offset)
 
 
-__all__ = ["causal_knn", "causal_knn_fast", "causal_knn_reference", "causal_knn_scan"]
+__all__ = [
+    "DECODE_BLOCK",
+    "block_boxes",
+    "causal_knn",
+    "causal_knn_blocks",
+    "causal_knn_fast",
+    "causal_knn_reference",
+    "causal_knn_scan",
+]

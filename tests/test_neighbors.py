@@ -10,7 +10,15 @@ import torch
 from conftest import make_model, max_diff, pad_batch, random_ids, tiny_config
 
 import dfn.neighbors_dfn as nd
-from dfn.neighbors_dfn import causal_knn, causal_knn_fast, causal_knn_reference, causal_knn_scan
+from dfn.neighbors_dfn import (
+    DECODE_BLOCK,
+    block_boxes,
+    causal_knn,
+    causal_knn_blocks,
+    causal_knn_fast,
+    causal_knn_reference,
+    causal_knn_scan,
+)
 
 LAYOUTS = ("time", "iid", "clustered", "equal", "duplicates", "lattice", "reversed")
 # (leaf L, previous leaves P, first window, budget): the default and small ones that reach deep levels
@@ -153,6 +161,31 @@ def test_scan_equals_oracle_for_decoding_steps(name, dim):
             idx, valid = causal_knn_scan(pos[:, offset:], pos, masks(length), num_neighbors, offset)
             assert torch.equal(valid, ref_valid)
             assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1))
+
+
+@pytest.mark.parametrize("name", ["time", "iid", "clustered", "duplicates", "lattice", "equal"])
+def test_block_decoding_search_equals_oracle_and_reads_few_candidates(name):
+    """Decoding over the cache's block boxes: the oracle's answer every step; candidates read per step stay
+    bounded by the searched blocks plus the unfinished tail (not the context), fallbacks are counted."""
+    length, heads = 1500, 2
+    pos = layout(name, 4, length, heads, 2, seed=9)
+    key_valid = masks(length)
+    stats: dict = {}
+    for offset in range(1100, length, 37):
+        low, high = block_boxes(pos, key_valid, 0, (offset + 1) // DECODE_BLOCK)
+        for num_neighbors in (1, 16):
+            ref_idx, ref_valid = causal_knn_reference(
+                pos[:, offset : offset + 1], pos, key_valid, num_neighbors, offset
+            )
+            idx, valid = causal_knn_blocks(
+                pos[:, offset : offset + 1], pos, key_valid, num_neighbors, offset, (low, high), stats
+            )
+            assert torch.equal(valid, ref_valid), (name, offset)
+            assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
+    steps = stats["steps"]
+    assert stats["candidates"] / steps <= 8 * DECODE_BLOCK + 2 * DECODE_BLOCK  # top blocks + tail, not ~1300 keys
+    if name == "time":
+        assert stats.get("fallbacks", 0) == 0  # time-ordered positions settle without the full scan
 
 
 def test_reference_pads_early_query_chunks():

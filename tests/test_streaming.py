@@ -78,3 +78,21 @@ def test_memory_write_is_causal_per_chunk():
     assert (base[:, 24:] - out[:, 24:]).abs().max() > 1e-6  # chunk 3 on read the updated memory
     no_memory = tiny_model(num_neighbors=1, use_memory=False)
     assert torch.equal(no_memory(ids).logits[:, 17:], no_memory(same_chunk).logits[:, 17:])
+
+
+@torch.no_grad()
+def test_decoding_over_block_structure_matches_full_pass():
+    """Past 8 complete blocks the cache's block boxes drive each decoding step's search: still the full pass."""
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 700))
+    mask = torch.ones(2, 700, dtype=torch.long)
+    mask[1, :37] = 0  # left padding: empty boxes for padding-only blocks
+    full = model(ids, attention_mask=mask).logits
+    cache = DFNCache(model.config)
+    model(ids[:, :680], attention_mask=mask[:, :680], cache=cache, use_cache=True)
+    assert cache.layers[0].boxes[0].shape[1] == 680 // 64
+    steps = [
+        model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache, use_cache=True).logits
+        for i in range(680, 700)
+    ]
+    assert torch.allclose(full[:, 680:], torch.cat(steps, 1), atol=1e-4, rtol=0)
