@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--long-length", type=int, default=16384, help="from this length on: one timed call, no warm-up"
     )
-    parser.add_argument("--baseline-time-cap", type=float, default=120.0, help="seconds per baseline call")
+    parser.add_argument("--baseline-time-cap", type=float, default=200.0, help="seconds per baseline call")
     parser.add_argument("--baseline-mem-cap", type=float, default=16.0, help="GiB per baseline measurement")
     parser.add_argument("--out-dir", default="outputs/benchmark")
     parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds)")
@@ -176,12 +176,12 @@ def run_worker(spec: dict, args, argv: list[str]) -> dict:
 
 
 def predicted_exceeds(previous: dict | None, factor: float, args) -> bool:
-    """Whether the baseline's next measurement would pass a cap, extrapolating quadratically in length."""
-    if previous is None or "error" in previous:
+    """Whether the baseline's next run would pass a cap: time extrapolated quadratically in length (attention),
+    memory linearly."""
+    if previous is None or "seconds" not in previous:
         return False
-    seconds = previous.get("seconds", previous.get("ms_per_token", 0) / 1000)
     memory = previous.get("rss_gib", previous.get("allocated_gib", 0))
-    return seconds * factor**2 > args.baseline_time_cap or memory * factor**2 > args.baseline_mem_cap
+    return previous["seconds"] * factor**2 > args.baseline_time_cap or memory * factor > args.baseline_mem_cap
 
 
 def sweep(args, argv) -> dict:
@@ -194,19 +194,17 @@ def sweep(args, argv) -> dict:
     ]
     jobs += [("decode", c) for c in contexts]
     results = {kind: {mode: {} for mode in ("forward", "train", "decode")} for kind in ("dfn", "llama")}
-    last = {}
+    last = {}  # (kind, mode) -> (length, result) of the longest run measured
     for mode, n in tqdm(jobs, desc="benchmark", unit="run"):
         for kind in ("dfn", "llama"):
-            previous = last.get((kind, mode))
-            factor = n / previous[0] if previous else 1.0
-            if kind == "llama" and predicted_exceeds(previous and previous[1], factor, args):
+            # a decoding run starts with a forward (prefill) over its context: predict from the forward runs
+            length, previous = last.get((kind, "forward" if mode == "decode" else mode), (n, None))
+            if kind == "llama" and predicted_exceeds(previous, n / length, args):
                 results[kind][mode][n] = {"skipped": "predicted to exceed the time/memory cap"}
                 continue
-            if previous and "skipped" in results[kind][mode].get(previous[0], {}):
-                results[kind][mode][n] = {"skipped": "a shorter length was skipped"}
-                continue
             results[kind][mode][n] = run_worker({"kind": kind, "mode": mode, "length": n}, args, argv)
-            last[(kind, mode)] = (n, results[kind][mode][n])
+            if "seconds" in results[kind][mode][n]:
+                last[(kind, mode)] = (n, results[kind][mode][n])
     return results
 
 
