@@ -1,0 +1,261 @@
+"""DFN against a same-parameter-count Llama (byte vocabulary) on Tiny Shakespeare, plus DFN ablations.
+
+Every run uses scripts/train.py (transformers.Trainer) with the same data (nanoGPT byte split), steps, batch,
+schedule (AdamW, warmup + cosine to 10 %) and seed; only the model differs. Reports val loss (nats/byte) and
+bits/byte on the whole validation split, training tokens/s, the curves on one PNG (against steps and against
+wall-clock seconds), and a Markdown table with the command, hardware, commit and wall time.
+
+    python scripts/compare.py --preset quick            # seconds: tiny models, a few steps (the test suite's check)
+    python scripts/compare.py --preset cpu              # < 60 min on 2 cores (d=128, 4 layers, contexts 256 + 2048)
+    python scripts/compare.py --preset gpu              # nanoGPT shakespeare_char: 6 layers, 384 wide, 256 ctx, 5000 it
+    python scripts/compare.py --preset cpu --steps 150 --contexts 256 --variants dfn llama no_flow
+
+Variants: dfn (full), llama (LlamaForCausalLM, intermediate size chosen to match DFN's parameter count), no_flow
+(use_flow=False: time-only positions), no_memory (use_memory=False), no_flownorm (use_flownorm=False), seed_layer
+(layer_variant="seed"). Ablations run at the first context; other contexts run dfn, no_flow and llama.
+Outputs in --output_dir (default outputs/compare/<preset>): results.json, results.md, compare.png, one folder per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as train_lib  # noqa: E402  (scripts/train.py)
+
+ABLATIONS = {
+    "dfn": {},
+    "no_flow": {"use_flow": False},
+    "no_memory": {"use_memory": False},
+    "no_flownorm": {"use_flownorm": False},
+    "seed_layer": {"layer_variant": "seed"},
+}
+ALL_VARIANTS = ["dfn", "llama", "no_flow", "no_memory", "no_flownorm", "seed_layer"]
+LONG_CONTEXT_VARIANTS = ["dfn", "no_flow", "llama"]
+
+PRESETS = {
+    # the test suite's check: every code path, tiny models, seconds
+    "quick": dict(
+        model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pos_dim=2, num_neighbors=8,
+                   memory_slots=4, memory_chunk_size=16, mlp_ratio=4.0, dropout=0.0),
+        contexts=[32], tokens_per_batch=128, steps=6, learning_rate=1e-2, warmup_steps=2, eval_steps=3,
+        eval_blocks=4, final_eval_blocks=8,
+    ),
+    # fits < 60 min on 2 idle CPU cores (measured per-step costs: DFN ~1-1.5 s, Llama ~0.4 s at 16 x 256 bytes)
+    "cpu": dict(
+        model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, pos_dim=2, num_neighbors=32,
+                   memory_slots=16, memory_chunk_size=64, mlp_ratio=4.0, dropout=0.0),
+        contexts=[256, 2048], tokens_per_batch=16 * 256, steps=300, learning_rate=2e-3, warmup_steps=30,
+        eval_steps=50, eval_blocks=32, final_eval_blocks=0,
+    ),
+    # nanoGPT config/train_shakespeare_char.py: n_layer 6, n_head 6, n_embd 384, block 256, batch 64, 5000 iters,
+    # lr 1e-3, min lr 1e-4, warmup 100, beta2 0.99, dropout 0.2 (nanoGPT's transformer reaches val 1.4697)
+    "gpu": dict(
+        model=dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, pos_dim=2, num_neighbors=64,
+                   memory_slots=16, memory_chunk_size=64, mlp_ratio=4.0, dropout=0.2),
+        contexts=[256, 2048], tokens_per_batch=64 * 256, steps=5000, learning_rate=1e-3, warmup_steps=100,
+        eval_steps=250, eval_blocks=200, final_eval_blocks=0,
+    ),
+}
+
+
+def llama_kwargs_matching(dfn_params: int, model: dict) -> dict:
+    """LlamaConfig kwargs with DFN's width, depth and heads and the intermediate size that matches `dfn_params`
+    (tied byte embeddings, vocab 259): params = V d + d + L (4 d^2 + 2 d + 3 d I)."""
+    d, layers = model["hidden_size"], model["num_hidden_layers"]
+    rest = dfn_params - 259 * d - d - layers * (4 * d * d + 2 * d)
+    intermediate = max(8, round(rest / (3 * d * layers)))
+    return dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=model["num_attention_heads"],
+                num_key_value_heads=model["num_attention_heads"], intermediate_size=intermediate,
+                attention_dropout=model.get("dropout", 0.0), rms_norm_eps=1e-6)
+
+
+def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_params: int | None) -> dict:
+    model = dict(preset["model"])
+    model_type = "llama" if name == "llama" else "dfn"
+    if model_type == "llama":
+        model = llama_kwargs_matching(dfn_params, preset["model"])
+    else:
+        model.update(ABLATIONS[name])
+    batch = max(1, preset["tokens_per_batch"] // context)
+    cfg = train_lib.make_config(
+        None,
+        dict(
+            model_type=model_type,
+            model=model,
+            train_files=[args.data],
+            block_size=context,
+            batch_size=batch,
+            max_steps=args.steps or preset["steps"],
+            learning_rate=preset["learning_rate"],
+            warmup_steps=preset["warmup_steps"],
+            eval_steps=preset["eval_steps"],
+            eval_blocks=preset["eval_blocks"],
+            final_eval_blocks=preset["final_eval_blocks"],
+            logging_steps=max(1, preset["eval_steps"] // 5),
+            save_steps=0,
+            seed=args.seed,
+            bf16=args.bf16,
+            output_dir=str(out_root / f"{name}-ctx{context}"),
+            overwrite=True,
+            quiet=True,
+            report_to="none",
+        ),
+    )
+    t = time.time()
+    summary = train_lib.train(cfg, command=" ".join(["python", "scripts/compare.py", *sys.argv[1:]]))
+    summary.pop("_trainer")
+    rows = list(csv.DictReader(open(os.path.join(cfg.output_dir, "log.csv"))))
+    curve = [(int(r["step"]), float(r["time_s"]), float(r["eval_loss"])) for r in rows if r.get("eval_loss")]
+    result = dict(
+        run=name, context=context, model_type=model_type, parameters=summary["parameters"],
+        steps=summary["train_steps"],
+        batch_size=batch, val_loss=summary["val_loss"], val_bpb=summary["val_bpb"], train_loss=summary["train_loss"],
+        tokens_per_s=summary["tokens_per_s"], wall_s=round(time.time() - t, 1), curve=curve,
+        model_overrides=(
+            ABLATIONS.get(name, {}) if model_type == "dfn" else {"intermediate_size": model["intermediate_size"]}
+        ),
+    )
+    print(f"  {name:<12} ctx {context:>5}: val {result['val_loss']:.4f} nats/byte ({result['val_bpb']:.3f} bpb), "
+          f"{result['parameters']:,} params, {result['tokens_per_s']:.0f} tok/s, {result['wall_s']:.0f}s", flush=True)
+    return result
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in results:
+        if not r["curve"]:
+            continue
+        steps, seconds, losses = zip(*r["curve"], strict=True)
+        style = "--" if r["model_type"] == "llama" else "-"
+        label = f"{r['run']} ctx{r['context']} ({r['val_loss']:.3f})"
+        axes[0].plot(steps, losses, style, marker=".", label=label)
+        axes[1].plot(seconds, losses, style, marker=".", label=label)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("wall-clock seconds (incl. evaluation)")
+    for ax in axes:
+        ax.set_ylabel("val loss (nats/byte)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"# DFN vs Llama on Tiny Shakespeare (bytes) — preset `{meta['preset']}`",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Hardware: {meta['hardware']}  ",
+        f"Commit: `{meta['commit']}`; date {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min  ",
+        f"Same data (nanoGPT byte split; val = last 10 %, final score on "
+        f"{meta['final_eval_blocks'] or 'all'} val blocks), steps ({meta['steps']}), "
+        f"tokens per batch ({meta['tokens_per_batch']}), schedule and seed ({meta['seed']}) for every run. "
+        f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context.",
+        "",
+        "| run | context | params | val loss (nats/byte) | val bpb | vs Llama | tokens/s (train) | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    llama = {r["context"]: r["val_loss"] for r in results if r["run"] == "llama"}
+    for r in results:
+        ratio = f"{r['val_loss'] / llama[r['context']]:.3f}" if r["context"] in llama else "–"
+        lines.append(
+            f"| {r['run']} | {r['context']} | {r['parameters']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.3f} | {ratio} "
+            f"| {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
+        )
+    lines.append("")
+    by = {(r["run"], r["context"]): r["val_loss"] for r in results}
+    for ctx in sorted({r["context"] for r in results}):
+        if ("dfn", ctx) in by and ("no_flow", ctx) in by:
+            gain = (by[("no_flow", ctx)] - by[("dfn", ctx)]) / by[("no_flow", ctx)]
+            lines.append(
+                f"- context {ctx}: flow gain (no_flow - dfn) / no_flow = {gain:+.2%} (target at 2048: >= +2 %)"
+            )
+        if ("dfn", ctx) in by and ("llama", ctx) in by:
+            lines.append(f"- context {ctx}: DFN / Llama val loss = {by[('dfn', ctx)] / by[('llama', ctx)]:.3f} "
+                         "(target <= 0.97)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="= --preset quick (seconds; used by the tests)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override the preset's contexts")
+    parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None,
+                        help="runs at the first context (default: all); later contexts run dfn, no_flow, llama")
+    parser.add_argument("--data", default="data/tinyshakespeare.txt")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.preset = "quick"
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    contexts = args.contexts or preset["contexts"]
+    variants = args.variants or ALL_VARIANTS
+    out_root = Path(args.output_dir or train_lib.REPO_ROOT / "outputs" / "compare" / args.preset)
+    if out_root.exists() and any(out_root.iterdir()):
+        if not args.overwrite:
+            raise SystemExit(f"{out_root} is not empty: pass --overwrite (deletes it) or another --output_dir")
+        shutil.rmtree(out_root)
+    out_root.mkdir(parents=True)
+
+    start = time.time()
+    results = []
+    dfn_params = None
+    for i, context in enumerate(contexts):
+        names = variants if i == 0 else [v for v in LONG_CONTEXT_VARIANTS if v in variants]
+        names = ["dfn"] + [n for n in names if n != "dfn"]  # always DFN first: Llama's size is matched to it
+        print(f"context {context}: {', '.join(names)}", flush=True)
+        for name in names:
+            r = run_one(name, context, preset, args, out_root, dfn_params)
+            if name == "dfn":
+                dfn_params = r["parameters"]
+            results.append(r)
+
+    meta = dict(
+        preset=args.preset,
+        command=" ".join(["python", "scripts/compare.py", *(sys.argv[1:] if argv is None else argv)]),
+        hardware=train_lib.hardware_string(), commit=train_lib.git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
+        wall_s=time.time() - start, steps=args.steps or preset["steps"], tokens_per_batch=preset["tokens_per_batch"],
+        seed=args.seed, final_eval_blocks=preset["final_eval_blocks"], threads=__import__("torch").get_num_threads(),
+    )
+    table = markdown(results, meta)
+    (out_root / "results.md").write_text(table)
+    with open(out_root / "results.json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    plot(results, out_root / "compare.png", f"DFN vs Llama, Tiny Shakespeare bytes, preset {args.preset}")
+    print("\n" + table)
+    print(f"written: {out_root}/results.md, results.json, compare.png")
+    assert all(math.isfinite(r["val_loss"]) for r in results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

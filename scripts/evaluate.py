@@ -1,0 +1,117 @@
+"""Score a checkpoint folder on any text file: bits per byte, nats per byte, perplexity.
+
+    python scripts/evaluate.py outputs/demo/latest data/tinyshakespeare.txt
+    python scripts/evaluate.py outputs/demo/latest data/tinyshakespeare.txt --split val   # nanoGPT val split only
+    python scripts/evaluate.py outputs/run other.txt --block-size 1024 --batch-size 4 --json scores.json
+
+The folder is loaded as a user would (`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`), so
+any causal LM with a byte vocabulary works (DFN or the Llama baseline of scripts/compare.py). The text is read as
+raw UTF-8 bytes and cut into non-overlapping blocks of `--block-size` bytes (the tail shorter than a block is scored
+as its own block); within a block every byte after the first is scored, so each block starts from an empty context.
+Scores go through the local `evaluate` module `dfn/metrics/bits_per_byte` (form "log_probs").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# this file is called evaluate.py: keep its folder off sys.path so `import evaluate` finds the library
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from dfn.data import read_text_bytes, train_val_split  # noqa: E402
+from dfn.metrics import load_bits_per_byte  # noqa: E402
+
+
+def text_blocks(data: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """Non-overlapping blocks; the remainder (if at least 2 bytes) becomes a last, shorter block."""
+    blocks = [data[i : i + block_size] for i in range(0, len(data), block_size)]
+    return [b for b in blocks if len(b) >= 2]
+
+
+@torch.no_grad()
+def score_bytes(model, data: np.ndarray, block_size: int = 256, batch_size: int = 8, progress: bool = True) -> dict:
+    """Bits/byte of `model` on the byte array `data`, through the `evaluate` metric."""
+    metric = load_bits_per_byte("log_probs")
+    device = next(model.parameters()).device
+    blocks = text_blocks(data, block_size)
+    if not blocks:
+        raise ValueError("the text is shorter than 2 bytes: nothing to score")
+    bar = tqdm(total=sum(len(b) - 1 for b in blocks), unit="B", unit_scale=True, disable=not progress, desc="scoring")
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), 256, dtype=torch.long)  # right padding with the pad id
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, block in enumerate(batch):
+            ids[row, : len(block)] = torch.from_numpy(block.astype(np.int64))
+            mask[row, : len(block)] = 1
+        kwargs = {"use_cache": False}
+        if not bool(mask.all()):
+            kwargs["attention_mask"] = mask.to(device)
+        logits = model(input_ids=ids.to(device), **kwargs).logits.float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        metric.add_batch(predictions=list(log_probs.cpu().numpy()), references=list(labels.numpy()))
+        bar.update(int(mask[:, 1:].sum()))
+    bar.close()
+    return metric.compute(shift=False)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a folder written by save_pretrained (e.g. by scripts/train.py)")
+    parser.add_argument("text", nargs="+", help="text file(s), concatenated as bytes")
+    parser.add_argument("--split", choices=["all", "train", "val"], default="all",
+                        help="score the whole text, or only the first 90%% / last 10%% (nanoGPT split)")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-bytes", type=int, default=0, help="score only the first N bytes (0 = all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True).to(args.device).eval()
+    data = read_text_bytes(args.text)
+    if args.split != "all":
+        train, val = train_val_split(data, args.val_fraction)
+        data = train if args.split == "train" else val
+    if args.max_bytes:
+        data = data[: args.max_bytes]
+    start = time.time()
+    scores = score_bytes(model, data, args.block_size, args.batch_size)
+    scores.update(
+        checkpoint=args.checkpoint,
+        text=args.text,
+        split=args.split,
+        bytes=int(len(data)),
+        block_size=args.block_size,
+        seconds=round(time.time() - start, 1),
+    )
+    print(
+        f"{', '.join(args.text)} [{args.split}, {len(data):,} bytes, blocks of {args.block_size}]: "
+        f"{scores['bits_per_byte']:.4f} bits/byte, {scores['nats_per_byte']:.4f} nats/byte, "
+        f"perplexity {scores['perplexity']:.3f} ({scores['seconds']}s)"
+    )
+    assert math.isfinite(scores["bits_per_byte"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(scores, f, indent=2)
+    return scores
+
+
+if __name__ == "__main__":
+    main()
