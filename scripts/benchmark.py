@@ -60,10 +60,9 @@ def parse_args(argv=None):
 
 
 def build_model(kind: str, args):
-    """DFN, or a Llama whose MLP width is chosen so that both have (nearly) the same parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """DFN, or the same-parameter-count Llama (sdpa)."""
     from dfn import DFNConfig, DFNForCausalLM
+    from dfn.baselines import same_size_llama
 
     dfn_config = DFNConfig(
         hidden_size=args.hidden_size,
@@ -73,22 +72,7 @@ def build_model(kind: str, args):
     )
     if kind == "dfn":
         return DFNForCausalLM(dfn_config)
-    target = sum(p.numel() for p in DFNForCausalLM(dfn_config).parameters())
-    d, layers, vocab = args.hidden_size, args.layers, dfn_config.vocab_size
-    fixed = vocab * d + layers * (4 * d * d + 2 * d) + d  # tied embeddings, attention, norms
-    intermediate = max(8, round((target - fixed) / (3 * d * layers)))
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.max_length, 4096) * 2,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
+    return same_size_llama(dfn_config, max_position_embeddings=max(args.max_length, 4096) * 2)
 
 
 def peak_memory(device) -> dict:

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
 
+from dfn.baselines import llama_intermediate_size  # noqa: E402
+
 ABLATIONS = {
     "dfn": {},
     "no_flow": {"use_flow": False},
@@ -69,13 +71,11 @@ PRESETS = {
 
 
 def llama_kwargs_matching(dfn_params: int, model: dict) -> dict:
-    """LlamaConfig kwargs with DFN's width, depth and heads and the intermediate size that matches `dfn_params`
-    (tied byte embeddings, vocab 259): params = V d + d + L (4 d^2 + 2 d + 3 d I)."""
+    """LlamaConfig kwargs with DFN's width, depth and heads and the MLP width that matches `dfn_params`."""
     d, layers = model["hidden_size"], model["num_hidden_layers"]
-    rest = dfn_params - 259 * d - d - layers * (4 * d * d + 2 * d)
-    intermediate = max(8, round(rest / (3 * d * layers)))
     return dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=model["num_attention_heads"],
-                num_key_value_heads=model["num_attention_heads"], intermediate_size=intermediate,
+                num_key_value_heads=model["num_attention_heads"],
+                intermediate_size=llama_intermediate_size(dfn_params, d, layers),
                 attention_dropout=model.get("dropout", 0.0), rms_norm_eps=1e-6)
 
 

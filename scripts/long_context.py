@@ -235,9 +235,10 @@ def dfn_config(args, **overrides):
 
 def build_model(name: str, args):
     """A fresh model by name; the Llama's MLP width makes its parameter count match the full DFN's."""
-    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+    from transformers import set_seed
 
     from dfn import DFNForCausalLM
+    from dfn.baselines import same_size_llama
 
     set_seed(args.seed)
     if name == "dfn":
@@ -248,26 +249,8 @@ def build_model(name: str, args):
         return DFNForCausalLM(dfn_config(args, use_flow=False))
     if name != "llama":
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
-    target = sum(p.numel() for p in DFNForCausalLM(dfn_config(args)).parameters())
-    d, layers, vocab = args.hidden_size, args.layers, 259
-    fixed = vocab * d + layers * (4 * d * d + 2 * d) + d  # tied embeddings, attention, norms
-    intermediate = max(8, round((target - fixed) / (3 * d * layers)))
     set_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(max(args.lengths), args.train_length),
-        tie_word_embeddings=True,
-        pad_token_id=256,
-        bos_token_id=257,
-        eos_token_id=258,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
+    return same_size_llama(dfn_config(args), max_position_embeddings=max(max(args.lengths), args.train_length))
 
 
 def num_params(model) -> int:
