@@ -9,6 +9,13 @@ any causal LM with a byte vocabulary works (DFN or the Llama baseline of scripts
 raw UTF-8 bytes and cut into non-overlapping blocks of `--block-size` bytes (the tail shorter than a block is scored
 as its own block); within a block every byte after the first is scored, so each block starts from an empty context.
 Scores go through the local `evaluate` module `dfn/metrics/bits_per_byte` (form "log_probs").
+
+    python scripts/evaluate.py outputs/demo/latest book.txt --stream --segment 4096 --window 8192
+
+`--stream` (DFN only) reads the whole text as ONE document: segments of `--segment` bytes go through the model
+with a `DFNCache`, so every byte is scored with all the context before it. With `--window W` the cache is bounded
+(the last W entities per layer plus the field memory): a book is scored in constant memory. Peak memory (RSS) is
+reported at each power-of-two number of bytes read.
 """
 
 from __future__ import annotations
@@ -67,17 +74,61 @@ def score_bytes(model, data: np.ndarray, block_size: int = 256, batch_size: int 
     return metric.compute(shift=False)
 
 
+def rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@torch.no_grad()
+def score_stream(model, data: np.ndarray, segment: int, window: int | None, progress: bool = True) -> dict:
+    """Bits/byte of the whole byte array as one document, read in segments through the model's `DFNCache`."""
+    cache_class = sys.modules[type(model).__module__].DFNCache  # the checkpoint's own (remote) code
+    cache = cache_class(model.config, window=window)
+    metric = load_bits_per_byte("log_probs")
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(data.astype(np.int64)).view(1, -1)
+    previous = None  # the last logit of the previous segment predicts this segment's first byte
+    peaks, checkpoint = {}, 1 << 16
+    bar = tqdm(total=ids.shape[1], unit="B", unit_scale=True, disable=not progress, desc="streaming")
+    for start in range(0, ids.shape[1], segment):
+        piece = ids[:, start : start + segment].to(device)
+        logits = model(input_ids=piece, cache=cache, use_cache=True).logits.float()
+        if previous is not None:
+            logits = torch.cat([previous, logits], dim=1)
+            piece = torch.cat([ids[:, start - 1 : start].to(device), piece], dim=1)
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, piece[:, 1:, None])[..., 0]
+        metric.add_batch(predictions=list(log_probs.cpu().numpy()), references=list(piece[:, 1:].cpu().numpy()))
+        previous = logits[:, -1:]
+        bar.update(min(segment, ids.shape[1] - start))
+        while start + segment >= checkpoint:
+            peaks[checkpoint] = round(rss_gib(), 3)
+            checkpoint *= 2
+    bar.close()
+    scores = metric.compute(shift=False)
+    scores.update(peak_rss_gib=round(rss_gib(), 3), peak_rss_gib_by_bytes=peaks, segment=segment, window=window)
+    return scores
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a folder written by save_pretrained (e.g. by scripts/train.py)")
     parser.add_argument("text", nargs="+", help="text file(s), concatenated as bytes")
-    parser.add_argument("--split", choices=["all", "train", "val"], default="all",
-                        help="score the whole text, or only the first 90%% / last 10%% (nanoGPT split)")
+    parser.add_argument(
+        "--split",
+        choices=["all", "train", "val"],
+        default="all",
+        help="score the whole text, or only the first 90%% / last 10%% (nanoGPT split)",
+    )
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-bytes", type=int, default=0, help="score only the first N bytes (0 = all)")
+    parser.add_argument("--stream", action="store_true", help="score the text as one document through the cache")
+    parser.add_argument("--segment", type=int, default=4096, help="bytes per call with --stream")
+    parser.add_argument("--window", type=int, default=0, help="bounded cache of W entities with --stream (0: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
@@ -92,7 +143,10 @@ def main(argv=None) -> dict:
     if args.max_bytes:
         data = data[: args.max_bytes]
     start = time.time()
-    scores = score_bytes(model, data, args.block_size, args.batch_size)
+    if args.stream:
+        scores = score_stream(model, data, args.segment, args.window or None)
+    else:
+        scores = score_bytes(model, data, args.block_size, args.batch_size)
     scores.update(
         checkpoint=args.checkpoint,
         text=args.text,
@@ -101,11 +155,18 @@ def main(argv=None) -> dict:
         block_size=args.block_size,
         seconds=round(time.time() - start, 1),
     )
+    how = (
+        f"streamed in segments of {args.segment}, window {args.window or 'all'}"
+        if args.stream
+        else (f"blocks of {args.block_size}")
+    )
     print(
-        f"{', '.join(args.text)} [{args.split}, {len(data):,} bytes, blocks of {args.block_size}]: "
+        f"{', '.join(args.text)} [{args.split}, {len(data):,} bytes, {how}]: "
         f"{scores['bits_per_byte']:.4f} bits/byte, {scores['nats_per_byte']:.4f} nats/byte, "
         f"perplexity {scores['perplexity']:.3f} ({scores['seconds']}s)"
     )
+    if args.stream:
+        print(f"peak RSS {scores['peak_rss_gib']} GiB; by bytes read: {scores['peak_rss_gib_by_bytes']}")
     assert math.isfinite(scores["bits_per_byte"])
     if args.json:
         with open(args.json, "w") as f:

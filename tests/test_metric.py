@@ -104,3 +104,30 @@ def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
     assert scores["num_tokens"] == count == 6 * 31 + 9
     assert scores["nats_per_byte"] == pytest.approx(total / count, abs=1e-5)
     assert json.loads((tmp_path / "s.json").read_text())["bits_per_byte"] == pytest.approx(total / count / LN2)
+
+
+def test_evaluate_stream_scores_the_text_as_one_document(tmp_path):
+    """--stream reads the text in segments through the (remote-code) DFNCache: unbounded, it equals one full pass;
+    bounded, it stays finite and reports peak memory."""
+    from dfn import DFNConfig, DFNForCausalLM
+
+    torch.manual_seed(0)
+    model = DFNForCausalLM(
+        DFNConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_neighbors=8, memory_slots=4,
+                  memory_chunk_size=16)
+    ).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[:300]
+    (tmp_path / "t.txt").write_bytes(text)
+    spec = importlib.util.spec_from_file_location("dfn_evaluate_script", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    streamed = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "70"])
+    ids = torch.tensor(list(text), dtype=torch.long)[None]
+    with torch.no_grad():
+        full = float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert streamed["num_tokens"] == len(text) - 1
+    assert streamed["nats_per_byte"] == pytest.approx(full, abs=1e-5)
+    bounded = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "50",
+                           "--window", "64"])
+    assert math.isfinite(bounded["nats_per_byte"]) and bounded["peak_rss_gib"] > 0
