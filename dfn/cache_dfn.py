@@ -47,7 +47,8 @@ class DFNCacheLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         batch, length, heads, features = key_states.shape
-        self.buffer = key_states.new_zeros(batch, max(64, length), heads, features)
+        # headroom after a prefill, so that the first decoding steps do not copy the whole context
+        self.buffer = key_states.new_zeros(batch, max(64, length + length // 4), heads, features)
         self.start = self.end = 0
         self.is_initialized = True
 

@@ -132,6 +132,9 @@ def worker(spec: dict, args) -> dict:
         with torch.no_grad():
             out = model(ids, use_cache=True, logits_to_keep=1)
             cache, token = out.cache, out.logits.argmax(-1)
+            for _ in range(2):  # warm-up steps
+                out = model(token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
