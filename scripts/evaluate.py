@@ -23,20 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-# this file is called evaluate.py: keep its folder off sys.path so `import evaluate` finds the library
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from dfn.data import read_text_bytes, train_val_split  # noqa: E402
-from dfn.metrics import load_bits_per_byte  # noqa: E402
+from dfn.data import read_text_bytes, train_val_split
+from dfn.metrics import load_bits_per_byte  # handles this file's name clash with the `evaluate` library
 
 
 def text_blocks(data: np.ndarray, block_size: int) -> list[np.ndarray]:
