@@ -18,6 +18,18 @@ VOCAB_BYTES = 256  # ids 0-255 are bytes; 256 pad, 257 bos, 258 eos
 PAD_ID = 256
 EOS_ID = 258
 
+# the DFNConfig fields of the tiny models the training, LoRA and metric tests train for a few steps
+TINY_MODEL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "pos_dim": 2,
+    "num_neighbors": 8,
+    "memory_slots": 4,
+    "memory_chunk_size": 16,
+    "mlp_ratio": 2.0,
+}
+
 TINY = dict(
     hidden_size=32,
     num_hidden_layers=2,

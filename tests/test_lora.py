@@ -19,17 +19,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import finetune_lora  # noqa: E402
 import train as train_lib  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
 
-TINY_MODEL = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "pos_dim": 2,
-    "num_neighbors": 8,
-    "memory_slots": 4,
-    "memory_chunk_size": 16,
-    "mlp_ratio": 2.0,
-}
 IDS = torch.tensor([list(b"ROMEO: But soft, what light"), list(b"Well, Prince, so Genoa and ")])
 
 

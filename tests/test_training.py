@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import train as train_lib  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
 
 from dfn.data import (  # noqa: E402
     PackedBlocks,
@@ -30,17 +31,6 @@ from dfn.data import (  # noqa: E402
     train_val_split,
     unigram_baseline,  # noqa: E402
 )
-
-TINY_MODEL = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "pos_dim": 2,
-    "num_neighbors": 8,
-    "memory_slots": 4,
-    "memory_chunk_size": 16,
-    "mlp_ratio": 2.0,
-}
 
 
 @pytest.fixture(scope="module")
