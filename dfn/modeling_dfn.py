@@ -160,7 +160,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)  # (H,)
 
         mixed, log_norm = self._mix_neighbors(positions, values, log_weights, key_mask, inv_two_var, cache_layer)
-        if self.config.use_memory and bool(entity_mask.any()):
+        if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             params = self._memory_params(inv_two_var)
             state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], params)
             mem, mem_log_norm, state = memory_scan(
