@@ -75,7 +75,8 @@ def test_log_probs_form_agrees_with_logits_form():
     assert cheap["bits_per_byte"] == pytest.approx(full["bits_per_byte"], abs=1e-5)
 
 
-def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
+def saved_model_and_script(tmp_path):
+    """A tiny DFN saved to `tmp_path / "ckpt"`, and scripts/evaluate.py loaded as a module."""
     from dfn import DFNConfig, DFNForCausalLM
 
     torch.manual_seed(0)
@@ -84,12 +85,17 @@ def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
                   memory_chunk_size=16)
     ).eval()
     model.save_pretrained(tmp_path / "ckpt")
-    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[:32 * 6 + 10]  # 6 full blocks + a short tail
-    (tmp_path / "t.txt").write_bytes(text)
-
     spec = importlib.util.spec_from_file_location("dfn_evaluate_script", REPO / "scripts" / "evaluate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return model, script
+
+
+def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
+    model, script = saved_model_and_script(tmp_path)
+    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[:32 * 6 + 10]  # 6 full blocks + a short tail
+    (tmp_path / "t.txt").write_bytes(text)
+
     scores = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--block-size", "32", "--batch-size", "4",
                           "--json", str(tmp_path / "s.json")])
 
@@ -109,19 +115,9 @@ def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
 def test_evaluate_stream_scores_the_text_as_one_document(tmp_path):
     """--stream reads the text in segments through the (remote-code) DFNCache: unbounded, it equals one full pass;
     bounded, it stays finite and reports peak memory."""
-    from dfn import DFNConfig, DFNForCausalLM
-
-    torch.manual_seed(0)
-    model = DFNForCausalLM(
-        DFNConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_neighbors=8, memory_slots=4,
-                  memory_chunk_size=16)
-    ).eval()
-    model.save_pretrained(tmp_path / "ckpt")
+    model, script = saved_model_and_script(tmp_path)
     text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[:300]
     (tmp_path / "t.txt").write_bytes(text)
-    spec = importlib.util.spec_from_file_location("dfn_evaluate_script", REPO / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     streamed = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "70"])
     ids = torch.tensor(list(text), dtype=torch.long)[None]
     with torch.no_grad():
