@@ -85,6 +85,8 @@ def memory_absorb(
 def memory_commit(state: dict, complete: torch.Tensor, gate: torch.Tensor) -> dict:
     """Move the slots of rows whose chunk is `complete` `(B,)` toward the chunk mean by `gate` `(H, M)`;
     reset those rows' accumulators."""
+    if not bool(complete.any()):  # most decoding steps complete no chunk
+        return state
     rows = complete.view(-1, 1, 1)
     norm = state["acc_sum"].clamp_min(1e-30).unsqueeze(-1)
     step = gate.unsqueeze(-1) * rows.unsqueeze(-1)  # (B, H, M, 1)
