@@ -29,9 +29,12 @@ from .neighbors_dfn import causal_knn
 
 logger = logging.get_logger(__name__)
 
-# entities processed at once by the neighbour gather and the MLP: bounds the (B, n, H, K, k + D + 1) gather and
-# the MLP intermediate at long lengths
+# entities processed at once by the MLP: bounds its (B, n, mlp_ratio * E) intermediate at long lengths
 QUERY_CHUNK = 4096
+# queries processed at once by the neighbour gather. The (B, n, H, K, k + D + 1) gather is the largest buffer of a
+# layer; kept a few MB, glibc reuses it from the heap instead of mapping fresh pages for every chunk (page faults
+# on fresh 100+ MB buffers cost more than the gather itself; measured 4.5 s -> 3.1 s for a 16k forward).
+NEIGHBOR_CHUNK = 256
 
 
 @dataclass
@@ -93,10 +96,11 @@ class DFNMLP(nn.Module):
 def gather_neighbors(keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """`keys` `(B, T, H, F)`, `indices` `(B, N, H, K)` -> `(B, N, H, K, F)` (each head gathers its own keys)."""
     batch, length, heads, features = keys.shape
-    flat_index = indices * heads + torch.arange(heads, device=indices.device).view(1, 1, heads, 1)
-    rows = torch.arange(batch, device=indices.device).view(batch, 1)
-    gathered = keys.reshape(batch, length * heads, features)[rows, flat_index.reshape(batch, -1)]
-    return gathered.view(*indices.shape, features)
+    offsets = torch.arange(heads, device=indices.device).view(1, 1, heads, 1) + (
+        torch.arange(batch, device=indices.device) * (length * heads)
+    ).view(batch, 1, 1, 1)
+    flat_index = (indices * heads + offsets).reshape(-1)
+    return keys.reshape(batch * length * heads, features).index_select(0, flat_index).view(*indices.shape, features)
 
 
 class DFNFlowLayer(GradientCheckpointingLayer):
@@ -210,13 +214,13 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         )
         pieces = [
             self._kernel_average(
-                positions[:, i : i + QUERY_CHUNK],
+                positions[:, i : i + NEIGHBOR_CHUNK],
                 features,
-                indices[:, i : i + QUERY_CHUNK],
-                valid[:, i : i + QUERY_CHUNK],
+                indices[:, i : i + NEIGHBOR_CHUNK],
+                valid[:, i : i + NEIGHBOR_CHUNK],
                 inv_two_var,
             )
-            for i in range(0, positions.shape[1], QUERY_CHUNK)
+            for i in range(0, positions.shape[1], NEIGHBOR_CHUNK)
         ]
         return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces, strict=True))
 
