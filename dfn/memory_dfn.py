@@ -1,104 +1,127 @@
 """Persistent field memory: M slots per head, each a position and a value, bounded whatever the length.
 
-Axis legend: B batch, N entities, C memory chunk size, H heads, M slots, k pos_dim, D head_dim.
+Axis legend: B batch, N entities, C memory chunk size, H heads, M slots, k pos_dim, D head_dim, F = (k - 1) + D.
 
-Chunks are absolute: chunk c holds the entities whose real position id lies in [cC, (c+1)C). Entities of chunk c
-read the slots as they stood after chunk c-1. While chunk c is read, its entities are absorbed into running
-accumulators (an online softmax over the chunk, per slot, of `log w_j - |P_m - p_j|^2 / 2σ^2`); when its last entity
-has been seen the slots move toward the affinity-weighted mean of the chunk by a learned gate:
-`P_m <- P_m + g_m (mean_pos_m - P_m)`, `V_m <- V_m + g_m (mean_val_m - V_m)`. The accumulators make the write
-independent of how the entities were split into calls, so cached decoding gives the full pass's memory exactly.
+The memory lives in the *flow* coordinates of the positions (1..k-1): coordinate 0 is time, and a slot that kept
+the time of what it absorbed would fade from every later query (read weight exp(-(Δt scale)^2 / 2σ^2)), which is
+exactly what a long-range memory must not do. Slot m has a fixed learned home `A_m` (its write anchor and initial
+position), a current position `P_m` and a value `V_m`.
+
+Write. Chunks are absolute: chunk c holds the entities whose real position id lies in [cC, (c+1)C). Entity j offers
+slot m the write score `z_jm = log w_j + log β_m - |p_j - A_m|^2 / 2σ^2 <= 0` (β_m in (0, 1) learned). When chunk c
+completes, with `S_m = Σ_j exp(z_jm)` its absolute write mass,
+    g_m = 1 - exp(-S_m),     X_m <- (1 - g_m) X_m + g_m Σ_j exp(z_jm) x_j / S_m     for X = P and V.
+A chunk that offers a slot nothing (S ≈ 0) leaves it as it is, so content survives any number of later chunks until
+something the slot attends to arrives; a chunk with one strong entity (z ≈ 0) overwrites 63 % of it. Scores do not
+depend on the memory state, so the update is a linear recurrence `X_c = a_c X_{c-1} + b_c` over chunks, solved for
+a whole segment at once by a parallel (doubling) scan.
+
+Read. Entities of chunk c read the slots as they stood after chunk c-1, with kernel logits
+`log u_m - |p_i - P_m|^2 / 2σ^2` (flow coordinates); the caller merges them with the K nearest entities' logits.
+
+While a chunk is incomplete its sums are kept in accumulators (`acc_sum` = Σ_j exp(z_jm), `acc_pos`, `acc_val`), so
+the memory does not depend on how a document was split into calls: cached decoding gives the full pass's memory.
 """
 
 import torch
 
-# finite stand-in for -inf: masked entries get exactly zero weight without NaN gradients
-NEG = -1e30
-
-STATE_KEYS = ("pos", "val", "acc_max", "acc_sum", "acc_pos", "acc_val")
+STATE_KEYS = ("pos", "val", "acc_sum", "acc_pos", "acc_val")
 
 
 def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`|a - b|^2` over the last (coordinate) axis, broadcasting the others.
+    """`|a - b|^2` over the last (coordinate) axis, broadcasting the others (0 when there are no coordinates).
 
     A sum of per-coordinate squares: k is 1-8, and reducing over such a short trailing axis is several times slower
     on CPU than k elementwise passes. Never the `|a|^2 + |b|^2 - 2ab` form: it cancels badly at large positions.
     """
-    total = (a[..., 0] - b[..., 0]).square()
+    total = (a[..., 0] - b[..., 0]).square() if a.shape[-1] else (a.sum(-1) + b.sum(-1)) * 0
     for c in range(1, a.shape[-1]):
         total = total + (a[..., c] - b[..., c]).square()
     return total
 
 
 def initial_memory_state(slot_pos: torch.Tensor, slot_val: torch.Tensor, batch_size: int) -> dict:
-    """Fresh memory for `batch_size` rows from the learned initial slots `(H, M, k)` and `(H, M, D)`."""
-    num_heads, num_slots, _ = slot_pos.shape
-    zeros = slot_pos.new_zeros(batch_size, num_heads, num_slots)
+    """Fresh memory for `batch_size` rows from the learned slot homes `(H, M, k - 1)` and values `(H, M, D)`."""
+    heads, slots, _ = slot_pos.shape
+    features = slot_pos.shape[-1] + slot_val.shape[-1]
     return {
         "pos": slot_pos.unsqueeze(0).expand(batch_size, -1, -1, -1),
         "val": slot_val.unsqueeze(0).expand(batch_size, -1, -1, -1),
-        "acc_max": zeros + NEG,
-        "acc_sum": zeros,
-        "acc_pos": torch.zeros_like(slot_pos).unsqueeze(0).expand(batch_size, -1, -1, -1),
-        "acc_val": torch.zeros_like(slot_val).unsqueeze(0).expand(batch_size, -1, -1, -1),
+        "acc_sum": slot_pos.new_zeros(batch_size, heads, slots),
+        "acc_pos": slot_pos.new_zeros(batch_size, heads, slots, slot_pos.shape[-1]),
+        "acc_val": slot_val.new_zeros(batch_size, heads, slots, features - slot_pos.shape[-1]),
     }
 
 
-def memory_read(
-    query_pos: torch.Tensor, state: dict, slot_log_weight: torch.Tensor, inv_two_var: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel read of the slots. `query_pos` `(B, C, H, k)` -> values `(B, C, H, D)` and log-normaliser `(B, C, H)`."""
-    dist2 = squared_distance(query_pos.unsqueeze(3), state["pos"].unsqueeze(1))  # (B, C, H, M)
-    logits = slot_log_weight - dist2 * inv_two_var.view(1, 1, -1, 1)
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.einsum("bchm,bhmd->bchd", torch.softmax(logits, dim=-1), state["val"])
-    return out, lse
+def write_scores(pos: torch.Tensor, log_weight: torch.Tensor, params: dict) -> torch.Tensor:
+    """`z = log w_j + log β_m - |p_j - A_m|^2 / 2σ^2`: `pos (..., H, k-1)`, `log_weight (..., H)` -> `(..., H, M)`."""
+    dist2 = squared_distance(pos.unsqueeze(-2), params["home"])
+    return log_weight.unsqueeze(-1) + params["write_log_scale"] - dist2 * params["inv_two_var"].unsqueeze(-1)
 
 
-def memory_absorb(
-    state: dict,
-    pos: torch.Tensor,
-    val: torch.Tensor,
-    log_weight: torch.Tensor,
-    valid: torch.Tensor,
-    inv_two_var: torch.Tensor,
-) -> dict:
-    """Add one chunk's entities `pos (B, C, H, k)`, `val (B, C, H, D)`, `log_weight (B, C, H)`, `valid (B, C)`
-    to the running accumulators (online softmax over entities, per slot)."""
-    dist2 = squared_distance(pos.unsqueeze(3), state["pos"].unsqueeze(1))  # (B, C, H, M)
-    logits = log_weight.unsqueeze(-1) - dist2 * inv_two_var.view(1, 1, -1, 1)
-    mask = valid.view(*valid.shape, 1, 1)
-    logits = logits.masked_fill(~mask, NEG)
-    new_max = torch.maximum(state["acc_max"], logits.amax(dim=1))  # (B, H, M)
-    scale_old = torch.exp(state["acc_max"] - new_max)
-    weights = torch.exp(logits - new_max.unsqueeze(1)) * mask  # (B, C, H, M)
-    return {
-        "pos": state["pos"],
-        "val": state["val"],
-        "acc_max": new_max,
-        "acc_sum": state["acc_sum"] * scale_old + weights.sum(1),
-        "acc_pos": state["acc_pos"] * scale_old.unsqueeze(-1) + torch.einsum("bchm,bchk->bhmk", weights, pos),
-        "acc_val": state["acc_val"] * scale_old.unsqueeze(-1) + torch.einsum("bchm,bchd->bhmd", weights, val),
-    }
+def memory_read(query_pos: torch.Tensor, slot_pos: torch.Tensor, slot_val: torch.Tensor, params: dict):
+    """Kernel read of the slots: `query_pos (..., C, H, k-1)` against `slot_pos (..., H, M, k-1)` and `slot_val
+    (..., H, M, D)` -> values `(..., C, H, D)` and log-normaliser `(..., C, H)`."""
+    dist2 = squared_distance(query_pos.unsqueeze(-2), slot_pos.unsqueeze(-4))  # (..., C, H, M)
+    logits = params["slot_log_weight"] - dist2 * params["inv_two_var"].unsqueeze(-1)
+    out = torch.einsum("...chm,...hmd->...chd", torch.softmax(logits, dim=-1), slot_val)
+    return out, torch.logsumexp(logits, dim=-1)
 
 
-def memory_commit(state: dict, complete: torch.Tensor, gate: torch.Tensor) -> dict:
-    """Move the slots of rows whose chunk is `complete` `(B,)` toward the chunk mean by `gate` `(H, M)`;
-    reset those rows' accumulators."""
-    if not bool(complete.any()):  # most decoding steps complete no chunk
-        return state
-    rows = complete.view(-1, 1, 1)
-    norm = state["acc_sum"].clamp_min(1e-30).unsqueeze(-1)
-    step = gate.unsqueeze(-1) * rows.unsqueeze(-1)  # (B, H, M, 1)
-    reset = ~rows
-    return {
-        "pos": state["pos"] + step * (state["acc_pos"] / norm - state["pos"]),
-        "val": state["val"] + step * (state["acc_val"] / norm - state["val"]),
-        "acc_max": torch.where(reset, state["acc_max"], torch.full_like(state["acc_max"], NEG)),
-        "acc_sum": state["acc_sum"] * reset,
-        "acc_pos": state["acc_pos"] * reset.unsqueeze(-1),
-        "acc_val": state["acc_val"] * reset.unsqueeze(-1),
-    }
+def commit_coefficients(mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a chunk of write mass `S`: the decay `a = exp(-S)` and the factor `r = (1 - exp(-S)) / S` that turns the
+    chunk's score-weighted sums into `g * mean` (r -> 1 as S -> 0, computed without dividing by 0)."""
+    safe = mass.clamp_min(1e-4)
+    ratio = torch.where(mass > 1e-4, -torch.expm1(-safe) / safe, 1.0 - 0.5 * mass)
+    return torch.exp(-mass), ratio
+
+
+def split_features(x: torch.Tensor, pos_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :pos_features], x[..., pos_features:]
+
+
+def memory_step(state: dict, pos, val, log_weight, valid, completes, params: dict, read: bool = True):
+    """One entity per row (cached decoding): `pos (B, H, k-1)`, `val (B, H, D)`, `log_weight (B, H)`, `valid (B,)`,
+    `completes (B,)` (this entity is its chunk's last). Reads the memory, absorbs the entity and commits rows whose
+    chunk completes. Returns the read `(B, 1, H, D)`, `(B, 1, H)` (or None) and the new state."""
+    out, lse = memory_read(pos.unsqueeze(1), state["pos"], state["val"], params) if read else (None, None)
+    weight = torch.exp(write_scores(pos, log_weight, params)) * valid.view(-1, 1, 1)  # (B, H, M)
+    acc_sum = state["acc_sum"] + weight
+    acc_pos = state["acc_pos"] + weight.unsqueeze(-1) * pos.unsqueeze(-2)
+    acc_val = state["acc_val"] + weight.unsqueeze(-1) * val.unsqueeze(-2)
+    if not bool(completes.any()):  # most decoding steps complete no chunk
+        return out, lse, dict(state, acc_sum=acc_sum, acc_pos=acc_pos, acc_val=acc_val)
+    decay, ratio = commit_coefficients(acc_sum)
+    done = completes.view(-1, 1, 1)
+    decay = torch.where(done, decay, 1.0).unsqueeze(-1)
+    ratio = (ratio * done).unsqueeze(-1)
+    keep = (~done).unsqueeze(-1)
+    return (
+        out,
+        lse,
+        {
+            "pos": decay * state["pos"] + ratio * acc_pos,
+            "val": decay * state["val"] + ratio * acc_val,
+            "acc_sum": acc_sum * ~done,
+            "acc_pos": acc_pos * keep,
+            "acc_val": acc_val * keep,
+        },
+    )
+
+
+def linear_scan(decay: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of `X_c = decay_c X_{c-1} + inputs_c` over axis 1 by recursive doubling (log2 steps).
+
+    `decay (B, n, ...)`, `inputs (B, n, ..., F)` -> `(A, Bc)` with `X_c = A_c X_{-1} + Bc_c`: A the cumulative
+    decay, Bc what the chunks up to c contribute. Only products of decays in (0, 1] are formed, so it is stable.
+    """
+    total, acc = decay, inputs
+    step = 1
+    while step < decay.shape[1]:
+        acc = torch.cat([acc[:, :step], total[:, step:].unsqueeze(-1) * acc[:, :-step] + acc[:, step:]], dim=1)
+        total = torch.cat([total[:, :step], total[:, step:] * total[:, :-step]], dim=1)
+        step *= 2
+    return total, acc
 
 
 def chunk_layout(position_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int):
@@ -134,46 +157,89 @@ def memory_scan(
     chunk_size: int,
     read: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-    """Read and write the memory over a segment of entities, chunk by chunk.
+    """Read and write the memory over a segment of entities, all chunks at once.
 
     Args:
         state: memory state as produced by `initial_memory_state` or a previous scan (keys `STATE_KEYS`).
-        pos: `(B, N, H, k)` entity positions (after this layer's flow).
+        pos: `(B, N, H, k-1)` entity flow coordinates (after this layer's flow).
         val: `(B, N, H, D)` entity values.
         log_weight: `(B, N, H)` log influence weights.
         position_ids: `(B, N)` real-entity positions (absolute; chunk boundaries derive from them).
-        valid: `(B, N)` bool, False for padding; at least one entity must be valid.
-        params: `slot_log_weight (H, M)`, `gate (H, M)`, `inv_two_var (H,)`.
+        valid: `(B, N)` bool, False for padding (a row may have no valid entity when the caller holds a cache).
+        params: `home (H, M, k-1)`, `write_log_scale (H, M)`, `slot_log_weight (H, M)`, `inv_two_var (H,)`.
         read: also return each entity's read of the memory (False when only rebuilding the state).
 
     Returns:
         read values `(B, N, H, D)`, read log-normalisers `(B, N, H)` (or None) and the new state.
     """
-    if pos.shape[1] == 1:  # one entity per row (decoding): it is its own chunk slice, no layout needed
-        out, lse = memory_read(pos, state, params["slot_log_weight"], params["inv_two_var"]) if read else (None, None)
-        state = memory_absorb(state, pos, val, log_weight, valid, params["inv_two_var"])
+    if pos.shape[1] == 1:  # decoding: one entity per row, no layout needed
         completes = valid[:, 0] & (position_ids[:, 0] % chunk_size == chunk_size - 1)
-        return out, lse, memory_commit(state, completes, params["gate"])
+        return memory_step(state, pos[:, 0], val[:, 0], log_weight[:, 0], valid[:, 0], completes, params, read)
+    batch, _, heads, pos_features = pos.shape
     slot, num_chunks, laid_valid = chunk_layout(position_ids, valid, chunk_size)
     length = num_chunks * chunk_size
-    laid = [_to_layout(x, slot, length) for x in (pos, val, log_weight)]
-    outs, lses = [], []
-    for c in range(num_chunks):
-        span = slice(c * chunk_size, (c + 1) * chunk_size)
-        c_pos, c_val, c_logw = (x[:, span] for x in laid)
-        c_valid = laid_valid[:, span]
-        if read:
-            out, lse = memory_read(c_pos, state, params["slot_log_weight"], params["inv_two_var"])
-            outs.append(out)
-            lses.append(lse)
-        state = memory_absorb(state, c_pos, c_val, c_logw, c_valid, params["inv_two_var"])
-        state = memory_commit(state, c_valid[:, -1], params["gate"])
+    laid_pos, laid_val, laid_logw = (_to_layout(x, slot, length) for x in (pos, val, log_weight))
+    laid_pos = laid_pos.view(batch, num_chunks, chunk_size, heads, pos_features)
+
+    # per chunk: score-weighted sums of the entities (B, n, H, M) and (B, n, H, M, F)
+    weight = torch.exp(write_scores(laid_pos, laid_logw.view(batch, num_chunks, chunk_size, heads), params))
+    weight = weight * laid_valid.view(batch, num_chunks, chunk_size, 1, 1)
+    features = torch.cat([laid_pos, laid_val.view(batch, num_chunks, chunk_size, heads, -1)], dim=-1)
+    sums = torch.einsum("bnchm,bnchf->bnhmf", weight, features)
+    mass = weight.sum(2)
+    # the pending (incomplete) chunk of the previous call belongs to each row's first chunk here
+    has_any = valid.any(1)
+    first = torch.div(slot.masked_fill(~valid, length).amin(1).clamp_max(length - 1), chunk_size, rounding_mode="floor")
+    pending = torch.cat([state["acc_pos"], state["acc_val"]], dim=-1)
+    onto_first = (torch.arange(num_chunks, device=pos.device) == first.view(-1, 1)) & has_any.view(-1, 1)  # (B, n)
+    mass = mass + onto_first.view(batch, num_chunks, 1, 1) * state["acc_sum"].unsqueeze(1)
+    sums = sums + onto_first.view(batch, num_chunks, 1, 1, 1) * pending.unsqueeze(1)
+
+    # commits: a chunk whose last entity is in this segment; the others carry their sums to the next call
+    complete = laid_valid.view(batch, num_chunks, chunk_size)[:, :, -1]  # (B, n)
+    decay, ratio = commit_coefficients(mass)
+    decay = torch.where(complete.view(batch, num_chunks, 1, 1), decay, 1.0)
+    inputs = (ratio * complete.view(batch, num_chunks, 1, 1)).unsqueeze(-1) * sums
+    cum_decay, cum_input = linear_scan(decay, inputs)
+    start = torch.cat([state["pos"], state["val"]], dim=-1).unsqueeze(1)  # (B, 1, H, M, F)
+    after = cum_decay.unsqueeze(-1) * start + cum_input  # (B, n, H, M, F): the memory after each chunk
+
+    last = torch.div(slot.masked_fill(~valid, -1).amax(1).clamp_min(0), chunk_size, rounding_mode="floor")
+    last_sums = sums[torch.arange(batch), last]
+    carry = (has_any & ~complete[torch.arange(batch), last]).view(-1, 1, 1)
+    new_pending = torch.where(carry.unsqueeze(-1), last_sums, torch.where(has_any.view(-1, 1, 1, 1), 0.0, pending))
+    final_pos, final_val = split_features(after[:, -1], pos_features)
+    pend_pos, pend_val = split_features(new_pending, pos_features)
+    new_state = {
+        "pos": final_pos,
+        "val": final_val,
+        "acc_sum": torch.where(
+            carry, mass[torch.arange(batch), last], torch.where(has_any.view(-1, 1, 1), 0.0, state["acc_sum"])
+        ),
+        "acc_pos": pend_pos,
+        "acc_val": pend_val,
+    }
     if not read:
-        return None, None, state
+        return None, None, new_state
+    before = torch.cat([start, after[:, :-1]], dim=1)  # what chunk c reads: the memory after chunk c-1
+    slot_pos, slot_val = split_features(before, pos_features)
+    out, lse = memory_read(laid_pos, slot_pos, slot_val, params)
     gather = slot.clamp_max(length - 1)
-    out = torch.cat(outs, 1).gather(1, gather.view(*gather.shape, 1, 1).expand(-1, -1, *val.shape[2:]))
-    lse = torch.cat(lses, 1).gather(1, gather.unsqueeze(-1).expand(-1, -1, log_weight.shape[-1]))
-    return out, lse, state
+    out = out.reshape(batch, length, heads, -1).gather(1, gather.view(batch, -1, 1, 1).expand(-1, -1, *val.shape[2:]))
+    lse = lse.reshape(batch, length, heads).gather(1, gather.unsqueeze(-1).expand(-1, -1, heads))
+    return out, lse, new_state
 
 
-__all__ = ["STATE_KEYS", "squared_distance", "initial_memory_state", "memory_scan"]
+def memory_scan_reference(state, pos, val, log_weight, position_ids, valid, params, chunk_size):
+    """The scan entity by entity through `memory_step` (the decoding path): the oracle `memory_scan` is tested
+    against. Entities must be in position order within each row."""
+    outs, lses = [], []
+    for i in range(pos.shape[1]):
+        completes = valid[:, i] & (position_ids[:, i] % chunk_size == chunk_size - 1)
+        out, lse, state = memory_step(state, pos[:, i], val[:, i], log_weight[:, i], valid[:, i], completes, params)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1), state
+
+
+__all__ = ["STATE_KEYS", "squared_distance", "initial_memory_state", "memory_scan", "memory_scan_reference"]

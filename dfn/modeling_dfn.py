@@ -24,10 +24,13 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
-from .memory_dfn import NEG, initial_memory_state, memory_scan, squared_distance
+from .memory_dfn import initial_memory_state, memory_scan, squared_distance
 from .neighbors_dfn import causal_knn
 
 logger = logging.get_logger(__name__)
+
+# finite stand-in for -inf: masked neighbours get exactly zero weight without NaN gradients
+NEG = -1e30
 
 # entities processed at once by the MLP: bounds its (B, n, mlp_ratio * E) intermediate at long lengths
 QUERY_CHUNK = 4096
@@ -128,10 +131,12 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         self.output_norm = make_norm(config) if config.layer_variant == "seed" else None
         if config.use_memory:
             slots = config.memory_slots
-            self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim))
             self.memory_val = nn.Parameter(torch.zeros(heads, slots, head_dim))
             self.memory_log_weight = nn.Parameter(torch.zeros(heads, slots))
-            self.memory_gate = nn.Parameter(torch.zeros(heads, slots))
+            self.memory_write_scale = nn.Parameter(torch.zeros(heads, slots))
+            if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
+                self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
+                self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
 
     def forward(
         self,
@@ -165,11 +170,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
         mixed, log_norm = self._mix_neighbors(positions, values, log_weights, key_mask, inv_two_var, cache_layer)
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
-            params = self._memory_params(inv_two_var)
+            params = self._memory_params()
             state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], params)
             mem, mem_log_norm, state = memory_scan(
                 state,
-                positions,
+                positions[..., 1:],
                 values,
                 log_weights,
                 position_ids,
@@ -235,24 +240,33 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         mixed = torch.einsum("bnhk,bnhkd->bnhd", torch.softmax(logits, dim=-1), near_val)
         return mixed, torch.logsumexp(logits, dim=-1)
 
-    def _memory_params(self, inv_two_var) -> dict:
+    def _memory_params(self) -> dict:
         return {
-            "slot_log_weight": F.logsigmoid(self.memory_log_weight),
-            "gate": torch.sigmoid(self.memory_gate),
-            "inv_two_var": inv_two_var,
+            "home": self._memory_home(),
+            "write_log_scale": F.logsigmoid(self.memory_write_scale.float()),
+            "slot_log_weight": F.logsigmoid(self.memory_log_weight.float()),
+            "inv_two_var": 0.5 * torch.exp(-2.0 * self.memory_log_width.float())
+            if self.pos_dim > 1
+            else self.memory_log_weight.new_zeros(self.num_heads, dtype=torch.float32),
         }
+
+    def _memory_home(self) -> torch.Tensor:
+        """`(H, M, k-1)` learned slot homes (an empty coordinate axis when pos_dim is 1)."""
+        if self.pos_dim > 1:
+            return self.memory_pos.float()
+        return self.memory_val.new_zeros(self.num_heads, self.config.memory_slots, 0, dtype=torch.float32)
 
     def _memory_state(self, cache_layer, past_mask: torch.Tensor, params: dict) -> dict:
         """The memory as it stands before the new entities: from the cache, fresh, or rebuilt after a crop."""
         if cache_layer is not None and cache_layer.memory is not None and not cache_layer.memory_stale:
             return cache_layer.memory
-        fresh = initial_memory_state(self.memory_pos.float(), self.memory_val.float(), past_mask.shape[0])
+        fresh = initial_memory_state(params["home"], self.memory_val.float(), past_mask.shape[0])
         if cache_layer is None or not bool(past_mask.any()):
             return fresh
         length = past_mask.shape[1]
         _, _, state = memory_scan(
             fresh,
-            cache_layer.positions[:, :length],
+            cache_layer.positions[:, :length, :, 1:],
             cache_layer.entity_values[:, :length],
             cache_layer.log_weights[:, :length],
             past_mask.long().cumsum(1) - 1,
@@ -306,10 +320,13 @@ class DFNPreTrainedModel(PreTrainedModel):
                 module.mlp.down_proj.weight, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
             )
             if config.use_memory:
-                init.normal_(module.memory_pos, std=1.0)
+                if config.pos_dim > 1:
+                    init.normal_(module.memory_pos, std=1.0)
+                    init.constant_(module.memory_log_width, math.log(config.kernel_width_init))
                 init.normal_(module.memory_val, std=config.initializer_range)
                 init.zeros_(module.memory_log_weight)
-                init.zeros_(module.memory_gate)
+                # write scale β = 1/C: a chunk of average entities moves a slot part of the way, not all of it
+                init.constant_(module.memory_write_scale, -math.log(config.memory_chunk_size))
         elif isinstance(module, DFNModel):
             heads = config.num_attention_heads
             scales = torch.logspace(

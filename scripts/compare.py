@@ -47,25 +47,70 @@ LONG_CONTEXT_VARIANTS = ["dfn", "no_flow", "llama"]
 PRESETS = {
     # the test suite's check: every code path, tiny models, seconds
     "quick": dict(
-        model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pos_dim=2, num_neighbors=8,
-                   memory_slots=4, memory_chunk_size=16, mlp_ratio=4.0, dropout=0.0),
-        contexts=[32], tokens_per_batch=128, steps=6, learning_rate=1e-2, warmup_steps=2, eval_steps=3,
-        eval_blocks=4, final_eval_blocks=8,
+        model=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            pos_dim=2,
+            num_neighbors=8,
+            memory_slots=4,
+            memory_chunk_size=16,
+            mlp_ratio=4.0,
+            dropout=0.0,
+        ),
+        contexts=[32],
+        tokens_per_batch=128,
+        steps=6,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        eval_steps=3,
+        eval_blocks=4,
+        final_eval_blocks=8,
     ),
     # fits < 60 min on 2 idle CPU cores (measured per-step costs: DFN ~1-1.5 s, Llama ~0.4 s at 16 x 256 bytes)
     "cpu": dict(
-        model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, pos_dim=2, num_neighbors=32,
-                   memory_slots=16, memory_chunk_size=64, mlp_ratio=4.0, dropout=0.0),
-        contexts=[256, 2048], tokens_per_batch=16 * 256, steps=300, learning_rate=2e-3, warmup_steps=30,
-        eval_steps=50, eval_blocks=32, final_eval_blocks=0,
+        model=dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            pos_dim=2,
+            num_neighbors=32,
+            memory_slots=16,
+            memory_chunk_size=64,
+            mlp_ratio=4.0,
+            dropout=0.0,
+        ),
+        contexts=[256, 2048],
+        tokens_per_batch=16 * 256,
+        steps=300,
+        learning_rate=2e-3,
+        warmup_steps=30,
+        eval_steps=50,
+        eval_blocks=32,
+        final_eval_blocks=0,
     ),
     # nanoGPT config/train_shakespeare_char.py: n_layer 6, n_head 6, n_embd 384, block 256, batch 64, 5000 iters,
     # lr 1e-3, min lr 1e-4, warmup 100, beta2 0.99, dropout 0.2 (nanoGPT's transformer reaches val 1.4697)
     "gpu": dict(
-        model=dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, pos_dim=2, num_neighbors=64,
-                   memory_slots=16, memory_chunk_size=64, mlp_ratio=4.0, dropout=0.2),
-        contexts=[256, 2048], tokens_per_batch=64 * 256, steps=5000, learning_rate=1e-3, warmup_steps=100,
-        eval_steps=250, eval_blocks=200, final_eval_blocks=0,
+        model=dict(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            pos_dim=2,
+            num_neighbors=64,
+            memory_slots=16,
+            memory_chunk_size=64,
+            mlp_ratio=4.0,
+            dropout=0.2,
+        ),
+        contexts=[256, 2048],
+        tokens_per_batch=64 * 256,
+        steps=5000,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        eval_steps=250,
+        eval_blocks=200,
+        final_eval_blocks=0,
     ),
 }
 
@@ -73,10 +118,15 @@ PRESETS = {
 def llama_kwargs_matching(dfn_params: int, model: dict) -> dict:
     """LlamaConfig kwargs with DFN's width, depth and heads and the MLP width that matches `dfn_params`."""
     d, layers = model["hidden_size"], model["num_hidden_layers"]
-    return dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=model["num_attention_heads"],
-                num_key_value_heads=model["num_attention_heads"],
-                intermediate_size=llama_intermediate_size(dfn_params, d, layers),
-                attention_dropout=model.get("dropout", 0.0), rms_norm_eps=1e-6)
+    return dict(
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=model["num_attention_heads"],
+        num_key_value_heads=model["num_attention_heads"],
+        intermediate_size=llama_intermediate_size(dfn_params, d, layers),
+        attention_dropout=model.get("dropout", 0.0),
+        rms_norm_eps=1e-6,
+    )
 
 
 def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_params: int | None) -> dict:
@@ -117,16 +167,27 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
     rows = list(csv.DictReader(open(os.path.join(cfg.output_dir, "log.csv"))))
     curve = [(int(r["step"]), float(r["time_s"]), float(r["eval_loss"])) for r in rows if r.get("eval_loss")]
     result = dict(
-        run=name, context=context, model_type=model_type, parameters=summary["parameters"],
+        run=name,
+        context=context,
+        model_type=model_type,
+        parameters=summary["parameters"],
         steps=summary["train_steps"],
-        batch_size=batch, val_loss=summary["val_loss"], val_bpb=summary["val_bpb"], train_loss=summary["train_loss"],
-        tokens_per_s=summary["tokens_per_s"], wall_s=round(time.time() - t, 1), curve=curve,
+        batch_size=batch,
+        val_loss=summary["val_loss"],
+        val_bpb=summary["val_bpb"],
+        train_loss=summary["train_loss"],
+        tokens_per_s=summary["tokens_per_s"],
+        wall_s=round(time.time() - t, 1),
+        curve=curve,
         model_overrides=(
             ABLATIONS.get(name, {}) if model_type == "dfn" else {"intermediate_size": model["intermediate_size"]}
         ),
     )
-    print(f"  {name:<12} ctx {context:>5}: val {result['val_loss']:.4f} nats/byte ({result['val_bpb']:.3f} bpb), "
-          f"{result['parameters']:,} params, {result['tokens_per_s']:.0f} tok/s, {result['wall_s']:.0f}s", flush=True)
+    print(
+        f"  {name:<12} ctx {context:>5}: val {result['val_loss']:.4f} nats/byte ({result['val_bpb']:.3f} bpb), "
+        f"{result['parameters']:,} params, {result['tokens_per_s']:.0f} tok/s, {result['wall_s']:.0f}s",
+        flush=True,
+    )
     return result
 
 
@@ -188,21 +249,28 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"- context {ctx}: flow gain (no_flow - dfn) / no_flow = {gain:+.2%} (target at 2048: >= +2 %)"
             )
         if ("dfn", ctx) in by and ("llama", ctx) in by:
-            lines.append(f"- context {ctx}: DFN / Llama val loss = {by[('dfn', ctx)] / by[('llama', ctx)]:.3f} "
-                         "(target <= 0.97)")
+            lines.append(
+                f"- context {ctx}: DFN / Llama val loss = {by[('dfn', ctx)] / by[('llama', ctx)]:.3f} (target <= 0.97)"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--quick", action="store_true", help="= --preset quick (seconds; used by the tests)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override the preset's contexts")
-    parser.add_argument("--variants", nargs="+", choices=ALL_VARIANTS, default=None,
-                        help="runs at the first context (default: all); later contexts run dfn, no_flow, llama")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=ALL_VARIANTS,
+        default=None,
+        help="runs at the first context (default: all); later contexts run dfn, no_flow, llama",
+    )
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--bf16", action="store_true")
@@ -242,9 +310,15 @@ def main(argv=None) -> list[dict]:
     meta = dict(
         preset=args.preset,
         command=" ".join(["python", "scripts/compare.py", *(sys.argv[1:] if argv is None else argv)]),
-        hardware=train_lib.hardware_string(), commit=train_lib.git_commit(), date=time.strftime("%Y-%m-%d %H:%M"),
-        wall_s=time.time() - start, steps=args.steps or preset["steps"], tokens_per_batch=preset["tokens_per_batch"],
-        seed=args.seed, final_eval_blocks=preset["final_eval_blocks"], threads=__import__("torch").get_num_threads(),
+        hardware=train_lib.hardware_string(),
+        commit=train_lib.git_commit(),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        wall_s=time.time() - start,
+        steps=args.steps or preset["steps"],
+        tokens_per_batch=preset["tokens_per_batch"],
+        seed=args.seed,
+        final_eval_blocks=preset["final_eval_blocks"],
+        threads=__import__("torch").get_num_threads(),
     )
     table = markdown(results, meta)
     (out_root / "results.md").write_text(table)

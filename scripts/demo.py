@@ -32,8 +32,9 @@ import train as train_lib  # noqa: E402  (scripts/train.py)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default=None, help="default: a fresh outputs/demo/<timestamp>/")
     parser.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
     parser.add_argument("--preset", default="demo")
@@ -42,9 +43,13 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--sample-bytes", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads; 0 = pick 1 or all cores by a 2-second trial (busy machines run "
-                             "several times faster on 1 thread than on oversubscribed cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 = pick 1 or all cores by a 2-second trial (busy machines run "
+        "several times faster on 1 thread than on oversubscribed cores)",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,8 +116,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     fresh = args.output_dir is None
     output_dir = default_output_dir() if fresh else Path(args.output_dir)
-    overrides = {"output_dir": str(output_dir), "overwrite": args.overwrite, "max_steps": args.max_steps,
-                 "seed": args.seed}
+    overrides = {
+        "output_dir": str(output_dir),
+        "overwrite": args.overwrite,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+    }
     if args.max_steps is not None:
         overrides["warmup_steps"] = max(1, args.max_steps // 10)
     cfg = train_lib.make_config(args.preset, overrides)
@@ -141,11 +150,15 @@ def main(argv=None) -> dict:
     print(sample)
     print("=" * 78)
     print(f"val loss     {summary['val_loss']:.4f} nats/byte  ({summary['val_bpb']:.3f} bits/byte, whole val split)")
-    print(f"unigram      {summary['unigram_val_loss']:.4f} nats/byte  ({summary['unigram_val_bpb']:.3f} bits/byte)"
-          f"  -> {below:.2f} nats/byte better")
+    print(
+        f"unigram      {summary['unigram_val_loss']:.4f} nats/byte  ({summary['unigram_val_bpb']:.3f} bits/byte)"
+        f"  -> {below:.2f} nats/byte better"
+    )
     print(f"train loss   {summary['train_loss']:.4f} (last logging window)")
-    print(f"steps        {summary['train_steps']} x {summary['batch_size']} x {summary['block_size']} bytes; "
-          f"training {summary['train_time_s']:.0f}s, whole demo {wall:.0f}s; {summary['hardware']}")
+    print(
+        f"steps        {summary['train_steps']} x {summary['batch_size']} x {summary['block_size']} bytes; "
+        f"training {summary['train_time_s']:.0f}s, whole demo {wall:.0f}s; {summary['hardware']}"
+    )
     print(f"checkpoint   {output_dir}  (loss_curve.png, training_summary.json inside)")
     print(f"load it      AutoModelForCausalLM.from_pretrained({str(output_dir)!r}, trust_remote_code=True)")
     if below < 0.5:

@@ -81,8 +81,9 @@ def block_loss(model, dataset, batch_size: int = 16) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base", required=True, help="checkpoint folder of the base model (save_pretrained output)")
     p.add_argument("--text", nargs="+", default=["data/war_and_peace_excerpt.txt"])
     p.add_argument("--output_dir", default="outputs/lora")
@@ -141,8 +142,9 @@ def main(argv=None) -> dict:
     model.print_trainable_parameters()
     print(f"val loss of the base on {', '.join(args.text)}: {before:.4f} nats/byte ({before / math.log(2):.3f} bpb)")
 
-    summary = train_lib.train(cfg, command=" ".join(["python", "scripts/finetune_lora.py", *(argv or sys.argv[1:])]),
-                              model=model)
+    summary = train_lib.train(
+        cfg, command=" ".join(["python", "scripts/finetune_lora.py", *(argv or sys.argv[1:])]), model=model
+    )
     trainer = summary.pop("_trainer")  # train() saved the adapter (PeftModel.save_pretrained) in output_dir
     model = trainer.model
     after = block_loss(model, val_ds, args.batch_size)
@@ -172,9 +174,11 @@ def main(argv=None) -> dict:
         result["merged"] = os.path.join(args.output_dir, "merged")
     with open(os.path.join(args.output_dir, "lora_summary.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"val loss on {', '.join(args.text)}: {before:.4f} -> {after:.4f} nats/byte "
-          f"({result['val_bpb_before']:.3f} -> {result['val_bpb_after']:.3f} bpb) after {summary['train_steps']} "
-          f"LoRA steps; adapter in {args.output_dir}")
+    print(
+        f"val loss on {', '.join(args.text)}: {before:.4f} -> {after:.4f} nats/byte "
+        f"({result['val_bpb_before']:.3f} -> {result['val_bpb_after']:.3f} bpb) after {summary['train_steps']} "
+        f"LoRA steps; adapter in {args.output_dir}"
+    )
     return result
 
 

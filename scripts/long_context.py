@@ -425,14 +425,12 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
     * `needle_total` = (1 - mem_frac) * needle_knn + mem_frac * needle_mem, to compare with `needle_bytes / length`
       (what a uniform average over the context would give);
     * `slot_needle_share`: the needle's share of the slot that holds most of it, in the memory the query reads;
-      with a gate g that does not depend on the content, one write and n later commits leave at most
-      `g (1 - g)^n <= 1 / (e (n + 1))` (`write_retention_bound`), whatever g is learned;
-    * the mean write gate `g` and the decay `(1 - g)^n` of a slot's content over the n chunks between needle and query;
-    * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler;
-    * `write_mass_contrast`: log affinity mass the key's chunk offers its best slot minus the median over the other
-      chunks (see `chunk_write_mass`): > 0 means a write gated by that mass would favour the key.
+    * `key_gate`: the gate 1 - exp(-S) with which the key's chunk writes the slot it writes most into;
+      `filler_gate`: the median gate of the later (filler) chunks on that slot; `retention`: exp(-sum S) over those
+      chunks, the share of the key's write that is still in the slot when the query reads it;
+    * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler.
     """
-    from dfn.memory_dfn import initial_memory_state, memory_scan, squared_distance
+    from dfn.memory_dfn import initial_memory_state, memory_scan, squared_distance, write_scores
     from dfn.neighbors_dfn import causal_knn
 
     cfg = model.config
@@ -472,51 +470,38 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     log_w[0, key_start : key_start + KEY_DIGITS].mean(0) - log_w[0, filler_mask].mean(0)
                 ).tolist()
                 if cfg.use_memory:
-                    params = layer._memory_params(inv_two_var)
+                    params = layer._memory_params()
+                    flow = pos[..., 1:]
                     tracer = needle.view(1, -1, 1, 1).float().expand(1, length, heads, 1)
-                    state = initial_memory_state(
-                        layer.memory_pos.float(), layer.memory_pos.new_zeros(heads, cfg.memory_slots, 1), 1
-                    )
+                    state = initial_memory_state(params["home"], flow.new_zeros(heads, cfg.memory_slots, 1), 1)
                     prefix = (q // cfg.memory_chunk_size) * cfg.memory_chunk_size  # chunks complete before q's
+                    ids_all = torch.arange(length).view(1, -1)
                     _, _, before_q = memory_scan(
-                        state,
-                        pos[:, :prefix],
-                        tracer[:, :prefix],
-                        log_w[:, :prefix],
-                        torch.arange(prefix).view(1, -1),
-                        valid_all[:, :prefix],
-                        params,
-                        cfg.memory_chunk_size,
-                        read=False,
-                    )
+                        state, flow[:, :prefix], tracer[:, :prefix], log_w[:, :prefix], ids_all[:, :prefix],
+                        valid_all[:, :prefix], params, cfg.memory_chunk_size, read=False,
+                    )  # fmt: skip
                     read, mem_lse, _ = memory_scan(
-                        state,
-                        pos,
-                        tracer,
-                        log_w,
-                        torch.arange(length).view(1, -1),
-                        valid_all,
-                        params,
-                        cfg.memory_chunk_size,
+                        state, flow, tracer, log_w, ids_all, valid_all, params, cfg.memory_chunk_size
                     )
                     knn_lse = torch.logsumexp(logits, -1)
                     mem_frac = torch.sigmoid(mem_lse[0, q] - knn_lse)
                     needle_mem = read[0, q, :, 0]
-                    gate = params["gate"].mean(-1)
-                    chunks = q // cfg.memory_chunk_size - ex["needle_end"] // cfg.memory_chunk_size
-                    mass = chunk_write_mass(state, pos, tracer, log_w, params, cfg.memory_chunk_size)  # (chunks, H)
+                    # write mass S (chunks, H, M) and the gate 1 - exp(-S) each complete chunk applies to each slot
+                    mass = torch.exp(write_scores(flow[0, :prefix], log_w[0, :prefix], params))
+                    mass = mass.view(-1, cfg.memory_chunk_size, heads, cfg.memory_slots).sum(1)
                     key_chunk = key_start // cfg.memory_chunk_size
-                    others = torch.cat([mass[:key_chunk], mass[key_chunk + 1 : q // cfg.memory_chunk_size]])
+                    best = mass[key_chunk].argmax(-1)  # (H,) the slot the key's chunk writes most into
+                    slot_mass = mass.gather(2, best.view(1, -1, 1).expand(mass.shape[0], -1, 1))[..., 0]
+                    later = slot_mass[key_chunk + 1 :]
                     row.update(
-                        write_mass_contrast=(mass[key_chunk] - others.median(0).values).tolist(),
                         slot_needle_share=before_q["val"][0, :, :, 0].amax(-1).tolist(),
-                        write_retention_bound=1 / (math.e * (chunks + 1)),
                         mem_frac=mem_frac.tolist(),
                         needle_mem=needle_mem.tolist(),
                         needle_total=((1 - mem_frac) * needle_knn + mem_frac * needle_mem).tolist(),
-                        gate=gate.tolist(),
-                        decay=((1 - gate) ** max(chunks - 1, 0)).tolist(),
-                        chunks_between=chunks,
+                        key_gate=(-torch.expm1(-slot_mass[key_chunk])).tolist(),
+                        filler_gate=(-torch.expm1(-later)).median(0).values.tolist() if len(later) else None,
+                        retention=torch.exp(-later.sum(0)).tolist(),
+                        chunks_between=len(later),
                     )
                 else:
                     row["needle_total"] = row["needle_knn"]
@@ -540,22 +525,6 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
         "flow_alpha": [getattr(layer, "flow_alpha", torch.zeros(0)).tolist() for layer in layers],
         "kernel_width": [torch.exp(layer.log_kernel_width).tolist() for layer in layers],
     }
-
-
-def chunk_write_mass(state: dict, pos, val, log_w, params: dict, chunk: int) -> torch.Tensor:
-    """`(num_chunks, H)`: per complete chunk, max over slots of the log of the unnormalised affinity mass
-    `S_m = sum_j w_j exp(-|P_m - p_j|^2 / 2 sigma^2)` the chunk offers slot m. The commit normalises S away (every
-    chunk moves the slots by the same gate, whatever S is), so this is what a mass-gated write could key on."""
-    from dfn.memory_dfn import memory_absorb, memory_commit
-
-    out = []
-    valid = torch.ones(pos.shape[0], chunk, dtype=torch.bool)
-    for c in range(pos.shape[1] // chunk):
-        span = slice(c * chunk, (c + 1) * chunk)
-        state = memory_absorb(state, pos[:, span], val[:, span], log_w[:, span], valid, params["inv_two_var"])
-        out.append((state["acc_max"] + state["acc_sum"].clamp_min(1e-30).log())[0].amax(-1))
-        state = memory_commit(state, valid[:, -1], params["gate"])
-    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -792,10 +761,10 @@ def main(argv=None) -> dict:
                         "mem_frac",
                         "needle_mem",
                         "needle_total",
-                        "gate",
-                        "decay",
+                        "key_gate",
+                        "filler_gate",
+                        "retention",
                         "logw_key_minus_filler",
-                        "write_mass_contrast",
                     )
                     if k in row
                 ]

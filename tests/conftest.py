@@ -85,7 +85,7 @@ def random_ids(batch: int, length: int, seed: int = 0, high: int = VOCAB_BYTES) 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item()
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def pad_batch(sequences: list[torch.Tensor], side: str, pad_id: int = PAD_ID, garbage: bool = False):

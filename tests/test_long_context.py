@@ -158,7 +158,8 @@ def test_quick_run(tmp_path):
         assert res["eval"]["mqar"]["256"]["all"]["n"] == 12  # 3 runs x 2 examples x 2 queries
     diag = report["diagnosis"]["dfn"]
     assert diag["length"] == 512 and len(diag["per_layer"]) == 2
-    assert {"needle_knn", "mem_frac", "needle_mem", "needle_total", "gate", "decay"} <= set(diag["per_layer"][0])
+    expected = {"needle_knn", "mem_frac", "needle_mem", "needle_total", "key_gate", "retention"}
+    assert expected <= set(diag["per_layer"][0])
     for name in report["models"]:
         png = tmp_path / f"heatmap_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000

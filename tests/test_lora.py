@@ -35,10 +35,23 @@ def base(tmp_path_factory):
     other.write_bytes((REPO / "data" / "war_and_peace_excerpt.txt").read_bytes()[:30_000])
     cfg = train_lib.make_config(
         "tiny",
-        dict(train_files=[str(folder / "train.txt")], val_files=[str(folder / "val.txt")], block_size=32,
-             batch_size=8, max_steps=40, learning_rate=1e-2, warmup_steps=4, eval_steps=0, final_eval_blocks=4,
-             logging_steps=10, save_steps=0, output_dir=str(folder / "base"), plot=False, quiet=True,
-             report_to="none"),
+        dict(
+            train_files=[str(folder / "train.txt")],
+            val_files=[str(folder / "val.txt")],
+            block_size=32,
+            batch_size=8,
+            max_steps=40,
+            learning_rate=1e-2,
+            warmup_steps=4,
+            eval_steps=0,
+            final_eval_blocks=4,
+            logging_steps=10,
+            save_steps=0,
+            output_dir=str(folder / "base"),
+            plot=False,
+            quiet=True,
+            report_to="none",
+        ),
         TINY_MODEL,
     )
     train_lib.train(cfg, command="pytest").pop("_trainer")
@@ -79,9 +92,32 @@ def test_finetune_lowers_other_text_loss_saves_loads_and_merges(base, tmp_path):
     base_dir, other = base
     out = tmp_path / "adapter"
     result = finetune_lora.main(
-        ["--base", str(base_dir), "--text", str(other), "--output_dir", str(out), "--r", "4", "--block_size", "32",
-         "--batch_size", "8", "--max_steps", "40", "--learning_rate", "1e-2", "--warmup_steps", "4",
-         "--eval_steps", "0", "--logging_steps", "10", "--merge", "--quiet"]
+        [
+            "--base",
+            str(base_dir),
+            "--text",
+            str(other),
+            "--output_dir",
+            str(out),
+            "--r",
+            "4",
+            "--block_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--max_steps",
+            "40",
+            "--learning_rate",
+            "1e-2",
+            "--warmup_steps",
+            "4",
+            "--eval_steps",
+            "0",
+            "--logging_steps",
+            "10",
+            "--merge",
+            "--quiet",
+        ]
     )
     # fine-tuning lowers the other text's validation loss
     assert result["val_loss_after"] < result["val_loss_before"] - 0.05, result
@@ -110,11 +146,15 @@ def test_finetune_lowers_other_text_loss_saves_loads_and_merges(base, tmp_path):
     # a fresh process that cannot import `dfn`: base with trust_remote_code=True + adapter -> same logits
     torch.save(IDS, tmp_path / "ids.pt")
     script = tmp_path / "fresh.py"
-    script.write_text(FRESH.format(base=str(base_dir), adapter=str(out), ids=str(tmp_path / "ids.pt"),
-                                   out=str(tmp_path / "logits.pt")))
+    script.write_text(
+        FRESH.format(
+            base=str(base_dir), adapter=str(out), ids=str(tmp_path / "ids.pt"), out=str(tmp_path / "logits.pt")
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert torch.allclose(torch.load(tmp_path / "logits.pt"), want, atol=1e-5)

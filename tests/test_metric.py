@@ -39,8 +39,9 @@ def test_loads_offline_in_a_fresh_process_and_matches_a_hand_computation(tmp_pat
         )
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scores["nats_per_byte"] == pytest.approx(KNOWN_NATS, abs=1e-6)
@@ -81,8 +82,14 @@ def saved_model_and_script(tmp_path):
 
     torch.manual_seed(0)
     model = DFNForCausalLM(
-        DFNConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_neighbors=8, memory_slots=4,
-                  memory_chunk_size=16)
+        DFNConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_neighbors=8,
+            memory_slots=4,
+            memory_chunk_size=16,
+        )
     ).eval()
     model.save_pretrained(tmp_path / "ckpt")
     spec = importlib.util.spec_from_file_location("dfn_evaluate_script", REPO / "scripts" / "evaluate.py")
@@ -93,11 +100,21 @@ def saved_model_and_script(tmp_path):
 
 def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
     model, script = saved_model_and_script(tmp_path)
-    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[:32 * 6 + 10]  # 6 full blocks + a short tail
+    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[: 32 * 6 + 10]  # 6 full blocks + a short tail
     (tmp_path / "t.txt").write_bytes(text)
 
-    scores = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--block-size", "32", "--batch-size", "4",
-                          "--json", str(tmp_path / "s.json")])
+    scores = script.main(
+        [
+            str(tmp_path / "ckpt"),
+            str(tmp_path / "t.txt"),
+            "--block-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
 
     ids = torch.tensor(list(text), dtype=torch.long)
     total, count = 0.0, 0
@@ -124,6 +141,7 @@ def test_evaluate_stream_scores_the_text_as_one_document(tmp_path):
         full = float(model(input_ids=ids, labels=ids, use_cache=False).loss)
     assert streamed["num_tokens"] == len(text) - 1
     assert streamed["nats_per_byte"] == pytest.approx(full, abs=1e-5)
-    bounded = script.main([str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "50",
-                           "--window", "64"])
+    bounded = script.main(
+        [str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "50", "--window", "64"]
+    )
     assert math.isfinite(bounded["nats_per_byte"]) and bounded["peak_rss_gib"] > 0

@@ -114,8 +114,23 @@ def test_presets_and_overrides():
     base = train_lib.make_config("base")
     assert (base.model["num_hidden_layers"], base.model["hidden_size"], base.block_size) == (6, 384, 256)
     cfg = train_lib.parse_args(
-        ["--preset", "small", "--max_steps", "7", "--learning_rate", "3e-4", "--bf16", "--model", "use_flow=false",
-         "--model", "num_neighbors=8", "--train_files", "a.txt", "b.txt", "--resume"]
+        [
+            "--preset",
+            "small",
+            "--max_steps",
+            "7",
+            "--learning_rate",
+            "3e-4",
+            "--bf16",
+            "--model",
+            "use_flow=false",
+            "--model",
+            "num_neighbors=8",
+            "--train_files",
+            "a.txt",
+            "b.txt",
+            "--resume",
+        ]
     )
     assert cfg.max_steps == 7 and cfg.learning_rate == 3e-4 and cfg.bf16 is True
     assert cfg.model["use_flow"] is False and cfg.model["num_neighbors"] == 8 and cfg.model["hidden_size"] == 128
@@ -148,8 +163,20 @@ def test_trainer_loss_falls_and_writes_a_loadable_checkpoint(texts, tmp_path):
     assert abs(summary["val_bpb"] - summary["val_loss"] / np.log(2)) < 1e-9
 
     written = json.loads((out / "training_summary.json").read_text())
-    for key in ("dataset", "train_steps", "batch_size", "block_size", "learning_rate", "train_time_s", "hardware",
-                "val_loss", "val_bpb", "train_loss", "commit", "command"):
+    for key in (
+        "dataset",
+        "train_steps",
+        "batch_size",
+        "block_size",
+        "learning_rate",
+        "train_time_s",
+        "hardware",
+        "val_loss",
+        "val_bpb",
+        "train_loss",
+        "commit",
+        "command",
+    ):
         assert key in written, key
     assert written["train_steps"] == 30
     assert (out / "loss_curve.png").stat().st_size > 1000
@@ -228,14 +255,29 @@ def test_accelerate_two_process_ddp_on_cpu(texts, tmp_path):
     out, record = tmp_path / "out", tmp_path / "record"
     record.mkdir()
     overrides = dict(
-        train_files=[str(texts[0])], val_files=[str(texts[1])], block_size=32, batch_size=4, max_steps=4,
-        warmup_steps=1, eval_steps=0, final_eval_blocks=2, logging_steps=1, save_steps=0, output_dir=str(out),
-        plot=False, quiet=True, report_to="none",
+        train_files=[str(texts[0])],
+        val_files=[str(texts[1])],
+        block_size=32,
+        batch_size=4,
+        max_steps=4,
+        warmup_steps=1,
+        eval_steps=0,
+        final_eval_blocks=2,
+        logging_steps=1,
+        save_steps=0,
+        output_dir=str(out),
+        plot=False,
+        quiet=True,
+        report_to="none",
     )
     script = tmp_path / "worker.py"
     script.write_text(
-        WORKER.format(scripts=str(REPO / "scripts"), overrides=json.dumps(overrides), model=json.dumps(TINY_MODEL),
-                      record=str(record))
+        WORKER.format(
+            scripts=str(REPO / "scripts"),
+            overrides=json.dumps(overrides),
+            model=json.dumps(TINY_MODEL),
+            record=str(record),
+        )
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with socket.socket() as s:  # a free port, so parallel test runs do not collide
@@ -243,9 +285,19 @@ def test_accelerate_two_process_ddp_on_cpu(texts, tmp_path):
         port = s.getsockname()[1]
     accelerate = Path(sys.executable).parent / "accelerate"
     proc = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
-         "--main_process_port", str(port), str(script)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / "cpu_ddp.yaml"),
+            "--main_process_port",
+            str(port),
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -286,20 +338,36 @@ def test_compare_quick_runs_every_variant(tmp_path):
 def test_demo_short_run_saves_a_folder_that_loads_in_a_fresh_process(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--max-steps", "8", "--sample-bytes", "20",
-         "--output-dir", str(out), "--threads", "1"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "demo.py"),
+            "--max-steps",
+            "8",
+            "--sample-bytes",
+            "20",
+            "--output-dir",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unigram" in proc.stdout and "val loss" in proc.stdout
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["train_steps"] == 8 and summary["val_loss"] < summary["unigram_val_loss"] + 1.0
     assert (out / "loss_curve.png").exists()
-    check = "import sys; sys.modules['dfn'] = None\nfrom transformers import AutoModelForCausalLM\n" \
-            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n" \
-            "assert type(m).__module__.startswith('transformers_modules')\n"
+    check = (
+        "import sys; sys.modules['dfn'] = None\nfrom transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "assert type(m).__module__.startswith('transformers_modules')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

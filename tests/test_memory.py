@@ -1,0 +1,110 @@
+"""Field memory (dfn/memory_dfn.py): the parallel scan equals the entity-by-entity decoding step, whatever the
+split into calls and the padding, and the write rule keeps content that later chunks do not overwrite."""
+
+import pytest
+import torch
+from conftest import max_diff
+
+from dfn.memory_dfn import initial_memory_state, memory_scan, memory_scan_reference
+
+HEADS, SLOTS, HEAD_DIM = 2, 3, 4
+
+
+def make_params(flow_coords: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "home": torch.randn(HEADS, SLOTS, flow_coords, generator=gen),
+        "write_log_scale": -torch.rand(HEADS, SLOTS, generator=gen) * 3,
+        "slot_log_weight": -torch.rand(HEADS, SLOTS, generator=gen),
+        "inv_two_var": torch.rand(HEADS, generator=gen) + 0.2,
+    }
+
+
+def make_inputs(batch: int, length: int, flow_coords: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randn(batch, length, HEADS, flow_coords, generator=gen)
+    val = torch.randn(batch, length, HEADS, HEAD_DIM, generator=gen)
+    log_w = torch.nn.functional.logsigmoid(torch.randn(batch, length, HEADS, generator=gen) * 2)
+    return pos, val, log_w
+
+
+def fresh(params: dict, batch: int) -> dict:
+    gen = torch.Generator().manual_seed(7)
+    return initial_memory_state(params["home"], torch.randn(HEADS, SLOTS, HEAD_DIM, generator=gen), batch)
+
+
+def assert_states_equal(a: dict, b: dict, tol: float = 1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert max_diff(a[name], b[name]) <= tol, name
+
+
+@pytest.mark.parametrize("flow_coords", [0, 1, 3])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5])
+def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size):
+    """Left padding (row 1 starts 3 entities later), and the first row starts mid-chunk (position ids from 2)."""
+    batch, length = 2, 23
+    params = make_params(flow_coords)
+    pos, val, log_w = make_inputs(batch, length, flow_coords)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :3] = False
+    position_ids = torch.stack([torch.arange(length) + 2, (valid[1].long().cumsum(0) - 1).clamp_min(0)])
+    out, lse, state = memory_scan(fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size)
+    ref_out, ref_lse, ref_state = memory_scan_reference(
+        fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size
+    )
+    real = valid.view(batch, length, 1)
+    assert max_diff(out * real.unsqueeze(-1), ref_out * real.unsqueeze(-1)) <= 1e-5
+    assert max_diff(lse * real, ref_lse * real) <= 1e-5
+    assert_states_equal(state, ref_state)
+
+
+@pytest.mark.parametrize("splits", [[7, 1, 9, 6], [5, 5, 5, 8], [1] * 23, [23]])
+def test_scan_over_segments_equals_one_scan(splits):
+    """Calls that end mid-chunk carry the chunk's sums; a row with no real entity in a call keeps its memory."""
+    batch, length, chunk_size = 2, 23, 4
+    params = make_params(2)
+    pos, val, log_w = make_inputs(batch, length, 2)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :9] = False  # row 1 has no real entity in the first call(s)
+    position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)
+    args = (pos, val, log_w, position_ids, valid, params, chunk_size)
+    full_out, _, full_state = memory_scan(fresh(params, batch), *args)
+    state, outs, start = fresh(params, batch), [], 0
+    for size in splits:
+        part = slice(start, start + size)
+        out, _, state = memory_scan(
+            state, pos[:, part], val[:, part], log_w[:, part], position_ids[:, part], valid[:, part], params, chunk_size
+        )
+        outs.append(out)
+        start += size
+    real = valid.view(batch, length, 1, 1)
+    assert max_diff(torch.cat(outs, 1) * real, full_out * real) <= 1e-5
+    assert_states_equal(state, full_state)
+
+
+def test_unaddressed_slot_keeps_its_content_over_many_chunks():
+    """A chunk offers a slot write mass S and moves it by 1 - exp(-S): content written once survives hundreds of
+    chunks whose entities the slot does not attend to (far from its home), then is overwritten by one that it does."""
+    chunk_size, chunks = 8, 300
+    params = make_params(1)
+    params["home"] = torch.tensor([0.0, 50.0, 100.0]).view(1, SLOTS, 1).expand(HEADS, -1, -1).contiguous()
+    params["write_log_scale"] = torch.zeros(HEADS, SLOTS)
+    params["inv_two_var"] = torch.ones(HEADS)
+    length = chunk_size * chunks
+    pos = torch.full((1, length, HEADS, 1), 100.0)  # filler sits at slot 2's home
+    pos[:, :chunk_size] = 0.0  # the first chunk is the "key", at slot 0's home
+    val = torch.zeros(1, length, HEADS, HEAD_DIM)
+    val[:, :chunk_size] = 1.0
+    log_w = torch.zeros(1, length, HEADS)
+    position_ids = torch.arange(length).view(1, -1)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    _, _, state = memory_scan(fresh(params, 1), pos, val, log_w, position_ids, valid, params, chunk_size)
+    # slot 0 absorbed the key chunk (mass 8: gate 1 - e^-8) and no filler chunk offered it any mass
+    assert torch.allclose(state["val"][0, :, 0], torch.ones(HEADS, HEAD_DIM), atol=1e-3)
+    assert torch.allclose(state["val"][0, :, 2], torch.zeros(HEADS, HEAD_DIM), atol=1e-3)
+    # one chunk at slot 0's home overwrites it
+    pos[:, -chunk_size:] = 0.0
+    val[:, -chunk_size:] = -1.0
+    _, _, state = memory_scan(fresh(params, 1), pos, val, log_w, position_ids, valid, params, chunk_size)
+    assert torch.allclose(state["val"][0, :, 0], -torch.ones(HEADS, HEAD_DIM), atol=1e-2)
