@@ -271,6 +271,13 @@ def main(argv=None) -> list[dict]:
         default=None,
         help="runs at the first context (default: all); later contexts run dfn, no_flow, llama",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DFN config override for every DFN run (repeatable); Llama's size follows the overridden DFN",
+    )
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--bf16", action="store_true")
@@ -284,7 +291,8 @@ def main(argv=None) -> list[dict]:
         import torch
 
         torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    preset["model"] = {**preset["model"], **train_lib.parse_model_overrides(args.model)}
     contexts = args.contexts or preset["contexts"]
     variants = args.variants or ALL_VARIANTS
     out_root = Path(args.output_dir or train_lib.REPO_ROOT / "outputs" / "compare" / args.preset)

@@ -189,13 +189,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = build_arg_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "model")}
-    model_overrides = {}
-    for item in args.model:
+    return make_config(args.preset, overrides, parse_model_overrides(args.model))
+
+
+def parse_model_overrides(items: list[str]) -> dict:
+    """`["KEY=VALUE", ...]` (the repeatable --model flag) -> config overrides with parsed values."""
+    overrides = {}
+    for item in items:
         if "=" not in item:
             raise SystemExit(f"--model expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        model_overrides[key.strip()] = _parse_value(value.strip())
-    return make_config(args.preset, overrides, model_overrides)
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
 
 
 def resolve_path(path: str) -> str:
