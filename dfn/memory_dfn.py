@@ -180,54 +180,57 @@ def memory_scan(
     length = num_chunks * chunk_size
     laid_pos, laid_val, laid_logw = (_to_layout(x, slot, length) for x in (pos, val, log_weight))
     laid_pos = laid_pos.view(batch, num_chunks, chunk_size, heads, pos_features)
+    laid_valid = laid_valid.view(batch, num_chunks, chunk_size)
+    mass, sums = _chunk_sums(laid_pos, laid_val.view(*laid_pos.shape[:-1], -1), laid_logw, laid_valid, params)
 
-    # per chunk: score-weighted sums of the entities (B, n, H, M) and (B, n, H, M, F)
-    weight = torch.exp(write_scores(laid_pos, laid_logw.view(batch, num_chunks, chunk_size, heads), params))
-    weight = weight * laid_valid.view(batch, num_chunks, chunk_size, 1, 1)
-    features = torch.cat([laid_pos, laid_val.view(batch, num_chunks, chunk_size, heads, -1)], dim=-1)
-    sums = torch.einsum("bnchm,bnchf->bnhmf", weight, features)
-    mass = weight.sum(2)
-    # the pending (incomplete) chunk of the previous call belongs to each row's first chunk here
+    # each row's first and last chunk here; the previous call's pending sums belong to the first
+    rows = torch.arange(batch, device=pos.device)
     has_any = valid.any(1)
     first = torch.div(slot.masked_fill(~valid, length).amin(1).clamp_max(length - 1), chunk_size, rounding_mode="floor")
+    last = torch.div(slot.masked_fill(~valid, -1).amax(1).clamp_min(0), chunk_size, rounding_mode="floor")
     pending = torch.cat([state["acc_pos"], state["acc_val"]], dim=-1)
     onto_first = (torch.arange(num_chunks, device=pos.device) == first.view(-1, 1)) & has_any.view(-1, 1)  # (B, n)
     mass = mass + onto_first.view(batch, num_chunks, 1, 1) * state["acc_sum"].unsqueeze(1)
     sums = sums + onto_first.view(batch, num_chunks, 1, 1, 1) * pending.unsqueeze(1)
 
-    # commits: a chunk whose last entity is in this segment; the others carry their sums to the next call
-    complete = laid_valid.view(batch, num_chunks, chunk_size)[:, :, -1]  # (B, n)
-    decay, ratio = commit_coefficients(mass)
-    decay = torch.where(complete.view(batch, num_chunks, 1, 1), decay, 1.0)
-    inputs = (ratio * complete.view(batch, num_chunks, 1, 1)).unsqueeze(-1) * sums
-    cum_decay, cum_input = linear_scan(decay, inputs)
+    complete = laid_valid[:, :, -1]  # (B, n): the chunk's last entity is in this call, so it commits here
     start = torch.cat([state["pos"], state["val"]], dim=-1).unsqueeze(1)  # (B, 1, H, M, F)
-    after = cum_decay.unsqueeze(-1) * start + cum_input  # (B, n, H, M, F): the memory after each chunk
+    after = _commit_chunks(start, mass, sums, complete)  # (B, n, H, M, F): the memory after each chunk
 
-    last = torch.div(slot.masked_fill(~valid, -1).amax(1).clamp_min(0), chunk_size, rounding_mode="floor")
-    last_sums = sums[torch.arange(batch), last]
-    carry = (has_any & ~complete[torch.arange(batch), last]).view(-1, 1, 1)
-    new_pending = torch.where(carry.unsqueeze(-1), last_sums, torch.where(has_any.view(-1, 1, 1, 1), 0.0, pending))
-    final_pos, final_val = split_features(after[:, -1], pos_features)
-    pend_pos, pend_val = split_features(new_pending, pos_features)
-    new_state = {
-        "pos": final_pos,
-        "val": final_val,
-        "acc_sum": torch.where(
-            carry, mass[torch.arange(batch), last], torch.where(has_any.view(-1, 1, 1), 0.0, state["acc_sum"])
-        ),
-        "acc_pos": pend_pos,
-        "acc_val": pend_val,
-    }
+    # a row whose last chunk is incomplete carries its sums to the next call; a row with no entity keeps its own
+    carry = (has_any & ~complete[rows, last]).view(-1, 1, 1)
+    keep = (~has_any).view(-1, 1, 1)
+    new_pending = torch.where(carry.unsqueeze(-1), sums[rows, last], torch.where(keep.unsqueeze(-1), pending, 0.0))
+    new_state = dict(zip(("pos", "val"), split_features(after[:, -1], pos_features), strict=True))
+    new_state["acc_sum"] = torch.where(carry, mass[rows, last], torch.where(keep, state["acc_sum"], 0.0))
+    new_state["acc_pos"], new_state["acc_val"] = split_features(new_pending, pos_features)
     if not read:
         return None, None, new_state
+
     before = torch.cat([start, after[:, :-1]], dim=1)  # what chunk c reads: the memory after chunk c-1
-    slot_pos, slot_val = split_features(before, pos_features)
-    out, lse = memory_read(laid_pos, slot_pos, slot_val, params)
+    out, lse = memory_read(laid_pos, *split_features(before, pos_features), params)
     gather = slot.clamp_max(length - 1)
     out = out.reshape(batch, length, heads, -1).gather(1, gather.view(batch, -1, 1, 1).expand(-1, -1, *val.shape[2:]))
     lse = lse.reshape(batch, length, heads).gather(1, gather.unsqueeze(-1).expand(-1, -1, heads))
     return out, lse, new_state
+
+
+def _chunk_sums(pos, val, log_weight, valid, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk, the write mass `(B, n, H, M)` and score-weighted sums `(B, n, H, M, F)` of its entities
+    `pos (B, n, C, H, k-1)`, `val (B, n, C, H, D)`, `log_weight (B, n * C, H)`, `valid (B, n, C)`."""
+    weight = torch.exp(write_scores(pos, log_weight.view(*pos.shape[:-1]), params))  # (B, n, C, H, M)
+    weight = weight * valid.unsqueeze(-1).unsqueeze(-1)
+    sums = torch.einsum("bnchm,bnchf->bnhmf", weight, torch.cat([pos, val], dim=-1))
+    return weight.sum(2), sums
+
+
+def _commit_chunks(start, mass, sums, complete) -> torch.Tensor:
+    """The memory `(B, n, H, M, F)` after each chunk, from `start (B, 1, H, M, F)`: complete chunks commit
+    `X <- exp(-S) X + r(S) sums`, the others leave it as it is."""
+    decay, ratio = commit_coefficients(mass)
+    done = complete.view(*complete.shape, 1, 1)
+    cum_decay, cum_input = linear_scan(torch.where(done, decay, 1.0), (ratio * done).unsqueeze(-1) * sums)
+    return cum_decay.unsqueeze(-1) * start + cum_input
 
 
 def memory_scan_reference(state, pos, val, log_weight, position_ids, valid, params, chunk_size):

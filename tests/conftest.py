@@ -73,6 +73,8 @@ def make_model(config: DFNConfig, seed: int = 0, noise: float | None = None) -> 
         for name, param in model.named_parameters():
             if name.endswith("flow_alpha") or name.endswith("log_kernel_width") or name.endswith("log_time_scale"):
                 param.add_(0.1 * torch.randn_like(param))
+            elif name.endswith("memory_log_weight"):  # initialised small on purpose; here the slots must matter
+                param.copy_(noise * torch.randn_like(param))
             else:
                 param.add_(noise * torch.randn_like(param))
     return model.eval()
