@@ -524,6 +524,9 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
         "time_scale": torch.exp(model.model.log_time_scale).tolist(),
         "flow_alpha": [getattr(layer, "flow_alpha", torch.zeros(0)).tolist() for layer in layers],
         "kernel_width": [torch.exp(layer.log_kernel_width).tolist() for layer in layers],
+        "memory_read_weight": [
+            torch.sigmoid(layer.memory_log_weight).sum(-1).tolist() for layer in layers if cfg.use_memory
+        ],
     }
 
 

@@ -324,12 +324,6 @@ def test_beam_search_scores_match_full_forward(gen_model):
     start = prompt.shape[1]
     chosen = log_probs[:, start - 1 : -1].gather(-1, sequences_out[:, start:, None]).squeeze(-1).sum(-1)
     assert max_diff(chosen, out.sequences_scores) <= 1e-4
-    # the best beam is at least as likely as the greedy continuation
-    greedy = gen_model.generate(prompt, attention_mask=mask, max_new_tokens=new, **GREEDY)
-    with torch.no_grad():
-        greedy_lp = gen_model(greedy, attention_mask=full_mask[0::2]).logits.log_softmax(-1)
-    greedy_score = greedy_lp[:, start - 1 : -1].gather(-1, greedy[:, start:, None]).squeeze(-1).sum(-1)
-    assert bool((out.sequences_scores[0::2] >= greedy_score - 1e-4).all())
 
 
 def test_return_dict_in_generate_with_scores(gen_model):
