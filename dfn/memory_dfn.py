@@ -139,8 +139,12 @@ def chunk_layout(position_ids: torch.Tensor, valid: torch.Tensor, chunk_size: in
     return slot, num_chunks, laid_valid
 
 
-def _to_layout(x: torch.Tensor, slot: torch.Tensor, length: int) -> torch.Tensor:
-    """Scatter `x` `(B, N, ...)` to the chunked axis `(B, length, ...)` (padding lands in a dropped trash slot)."""
+def _to_layout(x: torch.Tensor, slot: torch.Tensor, length: int, in_order: bool) -> torch.Tensor:
+    """Scatter `x` `(B, N, ...)` to the chunked axis `(B, length, ...)` (padding lands in a dropped trash slot).
+    `in_order`: every row's entity i sits at slot i (no padding, rows aligned), so only the tail needs padding."""
+    if in_order:
+        tail = length - x.shape[1]
+        return torch.cat([x, x.new_zeros(x.shape[0], tail, *x.shape[2:])], 1) if tail else x
     index = slot.view(*slot.shape, *([1] * (x.dim() - 2))).expand_as(x)
     out = x.new_zeros(x.shape[0], length + 1, *x.shape[2:])
     return out.scatter(1, index, x)[:, :length]
@@ -178,7 +182,9 @@ def memory_scan(
     batch, _, heads, pos_features = pos.shape
     slot, num_chunks, laid_valid = chunk_layout(position_ids, valid, chunk_size)
     length = num_chunks * chunk_size
-    laid_pos, laid_val, laid_logw = (_to_layout(x, slot, length) for x in (pos, val, log_weight))
+    # the common case (training, one document per row) needs no scatter: skipping it saves copies of (B, N, H, D)
+    in_order = bool(valid.all()) and torch.equal(slot, torch.arange(slot.shape[1], device=slot.device).expand_as(slot))
+    laid_pos, laid_val, laid_logw = (_to_layout(x, slot, length, in_order) for x in (pos, val, log_weight))
     laid_pos = laid_pos.view(batch, num_chunks, chunk_size, heads, pos_features)
     laid_valid = laid_valid.view(batch, num_chunks, chunk_size)
     mass, sums = _chunk_sums(laid_pos, laid_val.view(*laid_pos.shape[:-1], -1), laid_logw, laid_valid, params)
@@ -209,9 +215,12 @@ def memory_scan(
 
     before = torch.cat([start, after[:, :-1]], dim=1)  # what chunk c reads: the memory after chunk c-1
     out, lse = memory_read(laid_pos, *split_features(before, pos_features), params)
+    out, lse = out.reshape(batch, length, heads, -1), lse.reshape(batch, length, heads)
+    if in_order:
+        return out[:, : slot.shape[1]], lse[:, : slot.shape[1]], new_state
     gather = slot.clamp_max(length - 1)
-    out = out.reshape(batch, length, heads, -1).gather(1, gather.view(batch, -1, 1, 1).expand(-1, -1, *val.shape[2:]))
-    lse = lse.reshape(batch, length, heads).gather(1, gather.unsqueeze(-1).expand(-1, -1, heads))
+    out = out.gather(1, gather.view(batch, -1, 1, 1).expand(-1, -1, *val.shape[2:]))
+    lse = lse.gather(1, gather.unsqueeze(-1).expand(-1, -1, heads))
     return out, lse, new_state
 
 

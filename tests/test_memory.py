@@ -41,14 +41,18 @@ def assert_states_equal(a: dict, b: dict, tol: float = 1e-5):
 
 @pytest.mark.parametrize("flow_coords", [0, 1, 3])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5])
-def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size):
-    """Left padding (row 1 starts 3 entities later), and the first row starts mid-chunk (position ids from 2)."""
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "in_order"])
+def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded):
+    """Padded: row 1 is left-padded by 3 and row 0 starts mid-chunk (position ids from 2). In order: both rows start
+    at position 0 with no padding (the layout needs no scatter)."""
     batch, length = 2, 23
     params = make_params(flow_coords)
     pos, val, log_w = make_inputs(batch, length, flow_coords)
     valid = torch.ones(batch, length, dtype=torch.bool)
-    valid[1, :3] = False
-    position_ids = torch.stack([torch.arange(length) + 2, (valid[1].long().cumsum(0) - 1).clamp_min(0)])
+    position_ids = torch.arange(length).expand(batch, -1)
+    if padded:
+        valid[1, :3] = False
+        position_ids = torch.stack([torch.arange(length) + 2, (valid[1].long().cumsum(0) - 1).clamp_min(0)])
     out, lse, state = memory_scan(fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size)
     ref_out, ref_lse, ref_state = memory_scan_reference(
         fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size
