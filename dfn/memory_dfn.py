@@ -26,6 +26,8 @@ the memory does not depend on how a document was split into calls: cached decodi
 import torch
 
 STATE_KEYS = ("pos", "val", "acc_sum", "acc_pos", "acc_val")
+# entities per parallel scan: bounds its (B, N, H, M) and (B, N, H, k + D) temporaries on very long inputs
+SCAN_BLOCK = 16384
 
 
 def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -179,6 +181,8 @@ def memory_scan(
     if pos.shape[1] == 1:  # decoding: one entity per row, no layout needed
         completes = valid[:, 0] & (position_ids[:, 0] % chunk_size == chunk_size - 1)
         return memory_step(state, pos[:, 0], val[:, 0], log_weight[:, 0], valid[:, 0], completes, params, read)
+    if pos.shape[1] > SCAN_BLOCK:
+        return _scan_in_blocks(state, pos, val, log_weight, position_ids, valid, params, chunk_size, read)
     batch, _, heads, pos_features = pos.shape
     slot, num_chunks, laid_valid = chunk_layout(position_ids, valid, chunk_size)
     length = num_chunks * chunk_size
@@ -222,6 +226,22 @@ def memory_scan(
     out = out.gather(1, gather.view(batch, -1, 1, 1).expand(-1, -1, *val.shape[2:]))
     lse = lse.gather(1, gather.unsqueeze(-1).expand(-1, -1, heads))
     return out, lse, new_state
+
+
+def _scan_in_blocks(state, pos, val, log_weight, position_ids, valid, params, chunk_size, read):
+    """`memory_scan` over consecutive blocks of `SCAN_BLOCK` entities, carrying the state (exact: a scan split into
+    calls equals one scan). A block with no real entity in any row leaves the state as it is."""
+    outs, lses = [], []
+    for start in range(0, pos.shape[1], SCAN_BLOCK):
+        part = [x[:, start : start + SCAN_BLOCK] for x in (pos, val, log_weight, position_ids, valid)]
+        if bool(part[-1].any()):
+            out, lse, state = memory_scan(state, *part, params, chunk_size, read)
+        else:
+            out = part[1].new_zeros(part[1].shape) if read else None
+            lse = part[2].new_full(part[2].shape, -1e30) if read else None
+        outs.append(out)
+        lses.append(lse)
+    return (torch.cat(outs, 1), torch.cat(lses, 1), state) if read else (None, None, state)
 
 
 def _chunk_sums(pos, val, log_weight, valid, params: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import max_diff
 
+from dfn import memory_dfn
 from dfn.memory_dfn import initial_memory_state, memory_scan, memory_scan_reference
 
 HEADS, SLOTS, HEAD_DIM = 2, 3, 4
@@ -63,17 +64,22 @@ def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded):
     assert_states_equal(state, ref_state)
 
 
-@pytest.mark.parametrize("splits", [[7, 1, 9, 6], [5, 5, 5, 8], [1] * 23, [23]])
-def test_scan_over_segments_equals_one_scan(splits):
+@pytest.mark.parametrize("splits", [[7, 1, 9, 6], [5, 5, 5, 8], [1] * 23, [23], "blocks"])
+def test_scan_over_segments_equals_one_scan(splits, monkeypatch):
     """Calls that end mid-chunk carry the chunk's sums; a row with no real entity in a call keeps its memory."""
     batch, length, chunk_size = 2, 23, 4
     params = make_params(2)
     pos, val, log_w = make_inputs(batch, length, 2)
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[1, :9] = False  # row 1 has no real entity in the first call(s)
+    if splits == "blocks":
+        valid[0, 5:10] = False  # right after the first block of 5, one with no real entity in any row
     position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)
     args = (pos, val, log_w, position_ids, valid, params, chunk_size)
     full_out, _, full_state = memory_scan(fresh(params, batch), *args)
+    if splits == "blocks":  # one call that scans internally in blocks of 5
+        monkeypatch.setattr(memory_dfn, "SCAN_BLOCK", 5)
+        splits = [23]
     state, outs, start = fresh(params, batch), [], 0
     for size in splits:
         part = slice(start, start + size)
