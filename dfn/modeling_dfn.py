@@ -284,6 +284,18 @@ class DFNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DFNFlowLayer"]
+    # per-head scalars and slot positions that set the field's geometry (name suffixes). Adam moves a parameter by
+    # about the learning rate per step whatever its gradient, so at 2e-3 these log-scale quantities move < 0.3 in a
+    # 150-step run: training scripts give them their own, larger learning rate and no weight decay.
+    _geometry_parameters = (
+        "flow_alpha",
+        "log_kernel_width",
+        "log_time_scale",
+        "memory_log_weight",
+        "memory_write_scale",
+        "memory_log_width",
+        "memory_pos",
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

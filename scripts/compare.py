@@ -22,16 +22,21 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
 
+from dfn import DFNConfig, DFNForCausalLM  # noqa: E402
 from dfn.baselines import llama_intermediate_size  # noqa: E402
 
 ABLATIONS = {
@@ -129,7 +134,7 @@ def llama_kwargs_matching(dfn_params: int, model: dict) -> dict:
     )
 
 
-def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_params: int | None) -> dict:
+def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_params: int) -> dict:
     model = dict(preset["model"])
     model_type = "llama" if name == "llama" else "dfn"
     if model_type == "llama":
@@ -147,6 +152,7 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
             batch_size=batch,
             max_steps=args.steps or preset["steps"],
             learning_rate=preset["learning_rate"],
+            geometry_lr_scale=args.geometry_lr_scale,
             warmup_steps=preset["warmup_steps"],
             eval_steps=preset["eval_steps"],
             eval_blocks=preset["eval_blocks"],
@@ -191,6 +197,38 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
     return result
 
 
+def run_all(jobs: list[tuple[str, int]], preset: dict, args, out_root: Path, dfn_params: int) -> list[dict]:
+    """`run_one` for every (variant, context), `args.jobs` at a time in fresh processes (1 = in this process)."""
+    if args.jobs == 1:
+        return [run_one(name, context, preset, args, out_root, dfn_params) for name, context in jobs]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=set_threads, initargs=(args.threads,)) as pool:
+        futures = [pool.submit(run_one, name, context, preset, args, out_root, dfn_params) for name, context in jobs]
+        return [future.result() for future in futures]
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def equal_time_losses(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """Periodic-eval losses of runs `a` and `b` interpolated at the wall-clock time where the shorter run ended."""
+    if not a["curve"] or not b["curve"]:
+        return None
+    t = min(a["curve"][-1][1], b["curve"][-1][1])
+
+    def at(curve):
+        times, losses = [c[1] for c in curve], [c[2] for c in curve]
+        if t <= times[0]:
+            return losses[0] if t == times[0] else math.nan
+        return float(np.interp(t, times, losses))
+
+    return t, at(a["curve"]), at(b["curve"])
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -223,7 +261,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"# DFN vs Llama on Tiny Shakespeare (bytes) — preset `{meta['preset']}`",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Hardware: {meta['hardware']}  ",
+        f"Hardware: {meta['hardware']}; {meta['jobs']} run(s) at a time  ",
         f"Commit: `{meta['commit']}`; date {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min  ",
         f"Same data (nanoGPT byte split; val = last 10 %, final score on "
         f"{meta['final_eval_blocks'] or 'all'} val blocks), steps ({meta['steps']}), "
@@ -252,6 +290,14 @@ def markdown(results: list[dict], meta: dict) -> str:
             lines.append(
                 f"- context {ctx}: DFN / Llama val loss = {by[('dfn', ctx)] / by[('llama', ctx)]:.3f} (target <= 0.97)"
             )
+            runs = {r["run"]: r for r in results if r["context"] == ctx}
+            same_time = equal_time_losses(runs["dfn"], runs["llama"])
+            if same_time:
+                t, dfn_loss, llama_loss = same_time
+                lines.append(
+                    f"- context {ctx}: at equal wall-clock ({t:.0f} s, periodic-eval losses interpolated): DFN "
+                    f"{dfn_loss:.4f}, Llama {llama_loss:.4f} (ratio {dfn_loss / llama_loss:.3f})"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +308,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--quick", action="store_true", help="= --preset quick (seconds; used by the tests)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each in its own process (2 on a 2-core machine)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override the preset's contexts")
     parser.add_argument(
@@ -277,6 +326,12 @@ def main(argv=None) -> list[dict]:
         default=[],
         metavar="KEY=VALUE",
         help="DFN config override for every DFN run (repeatable); Llama's size follows the overridden DFN",
+    )
+    parser.add_argument(
+        "--geometry_lr_scale",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier for DFN's geometry parameters (train.py --geometry_lr_scale)",
     )
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
     parser.add_argument("--seed", type=int, default=1337)
@@ -303,17 +358,14 @@ def main(argv=None) -> list[dict]:
     out_root.mkdir(parents=True)
 
     start = time.time()
-    results = []
-    dfn_params = None
-    for i, context in enumerate(contexts):
-        names = variants if i == 0 else [v for v in LONG_CONTEXT_VARIANTS if v in variants]
-        names = ["dfn"] + [n for n in names if n != "dfn"]  # always DFN first: Llama's size is matched to it
-        print(f"context {context}: {', '.join(names)}", flush=True)
-        for name in names:
-            r = run_one(name, context, preset, args, out_root, dfn_params)
-            if name == "dfn":
-                dfn_params = r["parameters"]
-            results.append(r)
+    jobs = [
+        (name, context)
+        for i, context in enumerate(contexts)
+        for name in (variants if i == 0 else [v for v in LONG_CONTEXT_VARIANTS if v in variants])
+    ]
+    dfn_params = train_lib.count_parameters(DFNForCausalLM(DFNConfig(**preset["model"])))  # Llama is sized to it
+    print(f"{len(jobs)} runs, {args.jobs} at a time: {', '.join(f'{n}@{c}' for n, c in jobs)}", flush=True)
+    results = run_all(jobs, preset, args, out_root, dfn_params)
 
     meta = dict(
         preset=args.preset,
@@ -327,6 +379,7 @@ def main(argv=None) -> list[dict]:
         seed=args.seed,
         final_eval_blocks=preset["final_eval_blocks"],
         threads=__import__("torch").get_num_threads(),
+        jobs=args.jobs,
     )
     table = markdown(results, meta)
     (out_root / "results.md").write_text(table)

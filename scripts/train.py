@@ -93,6 +93,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    geometry_lr_scale: float = 1.0  # learning-rate multiplier (and no weight decay) for DFN's geometry parameters
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
@@ -275,9 +276,16 @@ class ByteLMTrainer(Trainer):
     """Trainer whose evaluations also report bits per byte and perplexity (`<prefix>_bpb`, `<prefix>_ppl`), and
     whose schedule follows a `CosineHorizon` when one is given (time-budgeted runs)."""
 
-    def __init__(self, *args, lr_horizon: CosineHorizon | None = None, **kwargs):
+    def __init__(self, *args, lr_horizon: CosineHorizon | None = None, geometry_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr_horizon = lr_horizon
+        self.geometry_lr_scale = geometry_lr_scale
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            super().create_optimizer(model)
+            split_geometry_group(self.optimizer, self.model if model is None else model, self.geometry_lr_scale)
+        return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_horizon is None or self.lr_scheduler is not None:
@@ -294,6 +302,21 @@ class ByteLMTrainer(Trainer):
             output.metrics[f"{prefix}_bpb"] = loss / LN2
             output.metrics[f"{prefix}_ppl"] = math.exp(min(loss, 50.0))
         return output
+
+
+def split_geometry_group(optimizer: torch.optim.Optimizer, model, lr_scale: float) -> None:
+    """Move the model's geometry parameters (`_geometry_parameters` name suffixes, see modeling_dfn.py) into their
+    own group with `lr_scale` times the learning rate and no weight decay. Models without them are left alone."""
+    suffixes = getattr(model, "_geometry_parameters", ())
+    geometry = {id(p) for n, p in model.named_parameters() if p.requires_grad and n.split(".")[-1] in suffixes}
+    if not geometry or lr_scale == 1.0:
+        return
+    params = []
+    for group in optimizer.param_groups:
+        params += [p for p in group["params"] if id(p) in geometry]
+        group["params"] = [p for p in group["params"] if id(p) not in geometry]
+    base = optimizer.param_groups[0]
+    optimizer.add_param_group({"params": params, "lr": base["lr"] * lr_scale, "weight_decay": 0.0})
 
 
 class CSVLoggerCallback(TrainerCallback):
@@ -631,6 +654,7 @@ def train(cfg: TrainConfig, command: str | None = None, extra_callbacks=(), mode
         processing_class=tokenizer,
         callbacks=callbacks + list(extra_callbacks),
         lr_horizon=horizon,
+        geometry_lr_scale=cfg.geometry_lr_scale,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossPrinterCallback(print_logs=not cfg.quiet))

@@ -196,11 +196,36 @@ def test_trainer_loss_falls_and_writes_a_loadable_checkpoint(texts, tmp_path):
     assert model.config.use_cache is True  # generation-ready (Trainer turns it off for training)
 
 
+def test_geometry_parameters_get_their_own_learning_rate_and_no_decay(texts, tmp_path):
+    _, trainer = run(
+        tiny_config(texts, tmp_path / "run", max_steps=3, final_eval_blocks=1, plot=False, geometry_lr_scale=10.0)
+    )
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    *others, geometry = trainer.optimizer.param_groups
+    suffixes = {names[id(p)].split(".")[-1] for p in geometry["params"]}
+    assert suffixes == {
+        "flow_alpha",
+        "log_kernel_width",
+        "log_time_scale",
+        "memory_log_weight",
+        "memory_write_scale",
+        "memory_log_width",
+        "memory_pos",
+    }
+    assert geometry["weight_decay"] == 0.0
+    assert all(id(p) not in {id(q) for q in geometry["params"]} for g in others for p in g["params"])
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(names)
+    *other_lrs, geometry_lr = trainer.lr_scheduler.get_last_lr()
+    assert geometry_lr == pytest.approx(10.0 * other_lrs[0]) and geometry_lr > 0
+
+
 def test_resume_is_exact(texts, tmp_path):
     """A run resumed from step k reaches the same loss and weights at step 2k as an uninterrupted run."""
     k = 4
     full = tmp_path / "full"
-    _, trainer = run(tiny_config(texts, full, max_steps=2 * k, save_steps=k, final_eval_blocks=2, plot=False))
+    _, trainer = run(
+        tiny_config(texts, full, max_steps=2 * k, save_steps=k, final_eval_blocks=2, plot=False, geometry_lr_scale=10.0)
+    )
     uninterrupted = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     resumed = tmp_path / "resumed"
@@ -208,7 +233,16 @@ def test_resume_is_exact(texts, tmp_path):
     shutil.copytree(full / f"checkpoint-{k}", resumed / f"checkpoint-{k}")  # as if the first run stopped at step k
     assert json.loads((resumed / f"checkpoint-{k}" / "train_config.json").read_text())["max_steps"] == 2 * k
     _, trainer2 = run(
-        tiny_config(texts, resumed, max_steps=2 * k, save_steps=k, final_eval_blocks=2, plot=False, resume="last")
+        tiny_config(
+            texts,
+            resumed,
+            max_steps=2 * k,
+            save_steps=k,
+            final_eval_blocks=2,
+            plot=False,
+            resume="last",
+            geometry_lr_scale=10.0,
+        )
     )
     after = [h["loss"] for h in trainer2.state.log_history if "loss" in h]
     assert after[-1] == pytest.approx(uninterrupted[-1], abs=1e-6), (after, uninterrupted)
@@ -328,6 +362,20 @@ def test_compare_quick_runs_every_variant(tmp_path):
     assert "| llama |" in (tmp_path / "cmp" / "results.md").read_text()
     resolved = json.loads((tmp_path / "cmp" / "no_flow-ctx32" / "train_config.json").read_text())
     assert resolved["model"]["use_flow"] is False
+
+
+def test_compare_parallel_jobs_give_the_same_results(tmp_path):
+    """--jobs 2 runs each variant in its own process: same losses and parameter counts as one after another."""
+    import compare
+
+    common = ["--quick", "--steps", "3", "--threads", "1", "--variants", "dfn", "llama", "no_memory"]
+    one = compare.main([*common, "--output_dir", str(tmp_path / "one")])
+    two = compare.main([*common, "--jobs", "2", "--output_dir", str(tmp_path / "two")])
+    assert [(r["run"], r["parameters"]) for r in one] == [(r["run"], r["parameters"]) for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-6), (a["run"], a["val_loss"], b["val_loss"])
+    table = (tmp_path / "two" / "results.md").read_text()
+    assert "2 run(s) at a time" in table and "at equal wall-clock" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------------
