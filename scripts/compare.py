@@ -330,8 +330,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--geometry_lr_scale",
         type=float,
-        default=1.0,
-        help="learning-rate multiplier for DFN's geometry parameters (train.py --geometry_lr_scale)",
+        default=train_lib.TrainConfig.geometry_lr_scale,
+        help="learning-rate multiplier for DFN's geometry parameters (as train.py --geometry_lr_scale)",
     )
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
     parser.add_argument("--seed", type=int, default=1337)

@@ -53,6 +53,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as train_lib  # noqa: E402  (scripts/train.py)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tinyshakespeare.txt"
 PAD_ID = 256
@@ -269,7 +273,7 @@ def load_model(name: str, folder: Path):
 
 def train_model(model, name: str, args, filler: Filler) -> dict:
     """Train through `transformers.Trainer` on the on-the-fly task stream; returns timings and the loss curve."""
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import TrainingArguments, default_data_collator
 
     lengths = train_lengths(args)
     targs = TrainingArguments(
@@ -292,7 +296,13 @@ def train_model(model, name: str, args, filler: Filler) -> dict:
         disable_tqdm=False,
     )
     stream = TaskStream(filler, lengths, args.batch_size, args, seed=args.seed)
-    trainer = Trainer(model=model, args=targs, train_dataset=stream, data_collator=default_data_collator)
+    trainer = train_lib.ByteLMTrainer(  # geometry parameters get their own learning rate
+        model=model,
+        args=targs,
+        train_dataset=stream,
+        data_collator=default_data_collator,
+        geometry_lr_scale=args.geometry_lr_scale,
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -636,6 +646,12 @@ def parse_args(argv=None):
     p.add_argument("--train-length", type=int, default=1024, help="longest training sequence (<= 2048)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument(
+        "--geometry-lr-scale",
+        type=float,
+        default=train_lib.TrainConfig.geometry_lr_scale,
+        help="as train.py --geometry_lr_scale",
+    )
     p.add_argument("--loss", choices=("answer", "all"), default="answer", help="train on answer bytes or all bytes")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
