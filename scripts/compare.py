@@ -6,7 +6,8 @@ bits/byte on the whole validation split, training tokens/s, the curves on one PN
 wall-clock seconds), and a Markdown table with the command, hardware, commit and wall time.
 
     python scripts/compare.py --preset quick            # seconds: tiny models, a few steps (the test suite's check)
-    python scripts/compare.py --preset cpu              # < 60 min on 2 cores (d=128, 4 layers, contexts 256 + 2048)
+    python scripts/compare.py --preset cpu --jobs 2     # < 60 min on 2 cores (d=128, 4 layers, contexts 256 + 2048)
+    python scripts/compare.py --preset cpu --jobs 2 --seeds 1337 1338   # dfn, no_flow and llama twice: the spread
     python scripts/compare.py --preset gpu              # nanoGPT shakespeare_char: 6 layers, 384 wide, 256 ctx, 5000 it
     python scripts/compare.py --preset cpu --steps 150 --contexts 256 --variants dfn llama no_flow
 
@@ -48,6 +49,7 @@ ABLATIONS = {
 }
 ALL_VARIANTS = ["dfn", "llama", "no_flow", "no_memory", "no_flownorm", "seed_layer"]
 LONG_CONTEXT_VARIANTS = ["dfn", "no_flow", "llama"]
+SEEDED_VARIANTS = ["dfn", "no_flow", "llama"]
 
 PRESETS = {
     # the test suite's check: every code path, tiny models, seconds
@@ -134,7 +136,7 @@ def llama_kwargs_matching(dfn_params: int, model: dict) -> dict:
     )
 
 
-def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_params: int) -> dict:
+def run_one(name: str, context: int, seed: int, preset: dict, args, out_root: Path, dfn_params: int) -> dict:
     model = dict(preset["model"])
     model_type = "llama" if name == "llama" else "dfn"
     if model_type == "llama":
@@ -159,9 +161,9 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
             final_eval_blocks=preset["final_eval_blocks"],
             logging_steps=max(1, preset["eval_steps"] // 5),
             save_steps=0,
-            seed=args.seed,
+            seed=seed,
             bf16=args.bf16,
-            output_dir=str(out_root / f"{name}-ctx{context}"),
+            output_dir=str(out_root / f"{name}-ctx{context}{'' if seed == args.seeds[0] else f'-seed{seed}'}"),
             overwrite=True,
             quiet=True,
             report_to="none",
@@ -175,6 +177,7 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
     result = dict(
         run=name,
         context=context,
+        seed=seed,
         model_type=model_type,
         parameters=summary["parameters"],
         steps=summary["train_steps"],
@@ -190,20 +193,21 @@ def run_one(name: str, context: int, preset: dict, args, out_root: Path, dfn_par
         ),
     )
     print(
-        f"  {name:<12} ctx {context:>5}: val {result['val_loss']:.4f} nats/byte ({result['val_bpb']:.3f} bpb), "
-        f"{result['parameters']:,} params, {result['tokens_per_s']:.0f} tok/s, {result['wall_s']:.0f}s",
+        f"  {name:<12} ctx {context:>5} seed {seed}: val {result['val_loss']:.4f} nats/byte "
+        f"({result['val_bpb']:.3f} bpb), {result['parameters']:,} params, "
+        f"{result['tokens_per_s']:.0f} tok/s, {result['wall_s']:.0f}s",
         flush=True,
     )
     return result
 
 
-def run_all(jobs: list[tuple[str, int]], preset: dict, args, out_root: Path, dfn_params: int) -> list[dict]:
-    """`run_one` for every (variant, context), `args.jobs` at a time in fresh processes (1 = in this process)."""
+def run_all(jobs: list[tuple[str, int, int]], preset: dict, args, out_root: Path, dfn_params: int) -> list[dict]:
+    """`run_one` for every (variant, context, seed), `args.jobs` at a time in fresh processes (1 = in this one)."""
     if args.jobs == 1:
-        return [run_one(name, context, preset, args, out_root, dfn_params) for name, context in jobs]
+        return [run_one(*job, preset, args, out_root, dfn_params) for job in jobs]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=set_threads, initargs=(args.threads,)) as pool:
-        futures = [pool.submit(run_one, name, context, preset, args, out_root, dfn_params) for name, context in jobs]
+        futures = [pool.submit(run_one, *job, preset, args, out_root, dfn_params) for job in jobs]
         return [future.result() for future in futures]
 
 
@@ -229,6 +233,15 @@ def equal_time_losses(a: dict, b: dict) -> tuple[float, float, float] | None:
     return t, at(a["curve"]), at(b["curve"])
 
 
+def relative_gain(baseline: list[float], model: list[float]) -> str:
+    """`(baseline - model) / baseline` on the means over seeds, with the per-seed values when there are several."""
+    gain = (sum(baseline) / len(baseline) - sum(model) / len(model)) / (sum(baseline) / len(baseline))
+    if len(model) == 1:
+        return f"{gain:+.2%}"
+    per_seed = ", ".join(f"{(b - m) / b:+.2%}" for b, m in zip(baseline, model, strict=False))
+    return f"{gain:+.2%} on the mean over seeds (per seed: {per_seed})"
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -241,7 +254,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             continue
         steps, seconds, losses = zip(*r["curve"], strict=True)
         style = "--" if r["model_type"] == "llama" else "-"
-        label = f"{r['run']} ctx{r['context']} ({r['val_loss']:.3f})"
+        label = f"{r['run']} ctx{r['context']} s{r['seed']} ({r['val_loss']:.3f})"
         axes[0].plot(steps, losses, style, marker=".", label=label)
         axes[1].plot(seconds, losses, style, marker=".", label=label)
     axes[0].set_xlabel("step")
@@ -265,32 +278,39 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Commit: `{meta['commit']}`; date {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min  ",
         f"Same data (nanoGPT byte split; val = last 10 %, final score on "
         f"{meta['final_eval_blocks'] or 'all'} val blocks), steps ({meta['steps']}), "
-        f"tokens per batch ({meta['tokens_per_batch']}), schedule and seed ({meta['seed']}) for every run. "
-        f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context.",
+        f"tokens per batch ({meta['tokens_per_batch']}) and schedule for every run; seeds {meta['seeds']} "
+        f"(extra seeds repeat {', '.join(SEEDED_VARIANTS)}). "
+        f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context and seed.",
         "",
-        "| run | context | params | val loss (nats/byte) | val bpb | vs Llama | tokens/s (train) | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | context | seed | params | val loss (nats/byte) | val bpb | vs Llama | tokens/s (train) | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    llama = {r["context"]: r["val_loss"] for r in results if r["run"] == "llama"}
+    llama = {(r["context"], r["seed"]): r["val_loss"] for r in results if r["run"] == "llama"}
     for r in results:
-        ratio = f"{r['val_loss'] / llama[r['context']]:.3f}" if r["context"] in llama else "–"
+        key = (r["context"], r["seed"])
+        ratio = f"{r['val_loss'] / llama[key]:.3f}" if key in llama else "–"
         lines.append(
-            f"| {r['run']} | {r['context']} | {r['parameters']:,} | {r['val_loss']:.4f} | {r['val_bpb']:.3f} | {ratio} "
-            f"| {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
+            f"| {r['run']} | {r['context']} | {r['seed']} | {r['parameters']:,} | {r['val_loss']:.4f} "
+            f"| {r['val_bpb']:.3f} | {ratio} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
         )
     lines.append("")
-    by = {(r["run"], r["context"]): r["val_loss"] for r in results}
+    losses = {}
+    for r in results:
+        losses.setdefault((r["run"], r["context"]), []).append(r["val_loss"])
+    mean = {key: sum(v) / len(v) for key, v in losses.items()}
     for ctx in sorted({r["context"] for r in results}):
-        if ("dfn", ctx) in by and ("no_flow", ctx) in by:
-            gain = (by[("no_flow", ctx)] - by[("dfn", ctx)]) / by[("no_flow", ctx)]
+        if ("dfn", ctx) in mean and ("no_flow", ctx) in mean:
             lines.append(
-                f"- context {ctx}: flow gain (no_flow - dfn) / no_flow = {gain:+.2%} (target at 2048: >= +2 %)"
+                f"- context {ctx}: flow gain (no_flow - dfn) / no_flow = "
+                f"{relative_gain(losses['no_flow', ctx], losses['dfn', ctx])} (target at 2048: >= +2 %)"
             )
-        if ("dfn", ctx) in by and ("llama", ctx) in by:
+        if ("dfn", ctx) in mean and ("llama", ctx) in mean:
+            ratios = ", ".join(f"{d / b:.3f}" for d, b in zip(losses["dfn", ctx], losses["llama", ctx], strict=False))
             lines.append(
-                f"- context {ctx}: DFN / Llama val loss = {by[('dfn', ctx)] / by[('llama', ctx)]:.3f} (target <= 0.97)"
+                f"- context {ctx}: DFN / Llama val loss = {mean['dfn', ctx] / mean['llama', ctx]:.3f} on the mean "
+                f"over seeds (per seed: {ratios}; target <= 0.97)"
             )
-            runs = {r["run"]: r for r in results if r["context"] == ctx}
+            runs = {r["run"]: r for r in results if r["context"] == ctx and r["seed"] == meta["seeds"][0]}
             same_time = equal_time_losses(runs["dfn"], runs["llama"])
             if same_time:
                 t, dfn_loss, llama_loss = same_time
@@ -334,7 +354,14 @@ def main(argv=None) -> list[dict]:
         help="learning-rate multiplier for DFN's geometry parameters (as train.py --geometry_lr_scale)",
     )
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument(
+        "--seeds",
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[1337],
+        help=f"seeds; the extra ones repeat {', '.join(SEEDED_VARIANTS)} (the runs the targets compare)",
+    )
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--overwrite", action="store_true")
@@ -359,12 +386,14 @@ def main(argv=None) -> list[dict]:
 
     start = time.time()
     jobs = [
-        (name, context)
+        (name, context, seed)
+        for seed_index, seed in enumerate(args.seeds)
         for i, context in enumerate(contexts)
         for name in (variants if i == 0 else [v for v in LONG_CONTEXT_VARIANTS if v in variants])
+        if seed_index == 0 or name in SEEDED_VARIANTS
     ]
     dfn_params = train_lib.count_parameters(DFNForCausalLM(DFNConfig(**preset["model"])))  # Llama is sized to it
-    print(f"{len(jobs)} runs, {args.jobs} at a time: {', '.join(f'{n}@{c}' for n, c in jobs)}", flush=True)
+    print(f"{len(jobs)} runs, {args.jobs} at a time: {', '.join(f'{n}@{c}/{s}' for n, c, s in jobs)}", flush=True)
     results = run_all(jobs, preset, args, out_root, dfn_params)
 
     meta = dict(
@@ -376,7 +405,7 @@ def main(argv=None) -> list[dict]:
         wall_s=time.time() - start,
         steps=args.steps or preset["steps"],
         tokens_per_batch=preset["tokens_per_batch"],
-        seed=args.seed,
+        seeds=args.seeds,
         final_eval_blocks=preset["final_eval_blocks"],
         threads=__import__("torch").get_num_threads(),
         jobs=args.jobs,

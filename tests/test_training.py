@@ -364,18 +364,32 @@ def test_compare_quick_runs_every_variant(tmp_path):
     assert resolved["model"]["use_flow"] is False
 
 
-def test_compare_parallel_jobs_give_the_same_results(tmp_path):
-    """--jobs 2 runs each variant in its own process: same losses and parameter counts as one after another."""
+def test_compare_parallel_jobs_and_seeds(tmp_path):
+    """--jobs 2 runs each variant in its own process: same losses as one after another. Extra seeds repeat only
+    the runs the targets compare, and the summary lines average over seeds."""
     import compare
 
     common = ["--quick", "--steps", "3", "--threads", "1", "--variants", "dfn", "llama", "no_memory"]
-    one = compare.main([*common, "--output_dir", str(tmp_path / "one")])
-    two = compare.main([*common, "--jobs", "2", "--output_dir", str(tmp_path / "two")])
-    assert [(r["run"], r["parameters"]) for r in one] == [(r["run"], r["parameters"]) for r in two]
+    one = compare.main([*common, "--seeds", "1", "2", "--output_dir", str(tmp_path / "one")])
+    two = compare.main([*common, "--seeds", "1", "2", "--jobs", "2", "--output_dir", str(tmp_path / "two")])
+    assert [(r["run"], r["seed"]) for r in one] == [
+        ("dfn", 1),
+        ("llama", 1),
+        ("no_memory", 1),
+        ("dfn", 2),
+        ("llama", 2),
+    ]
+    assert [(r["run"], r["seed"], r["parameters"]) for r in one] == [
+        (r["run"], r["seed"], r["parameters"]) for r in two
+    ]
     for a, b in zip(one, two, strict=True):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-6), (a["run"], a["val_loss"], b["val_loss"])
+    assert one[0]["val_loss"] != one[3]["val_loss"]  # the seed changes the run
+    assert (tmp_path / "one" / "dfn-ctx32-seed2" / "log.csv").exists()
     table = (tmp_path / "two" / "results.md").read_text()
     assert "2 run(s) at a time" in table and "at equal wall-clock" in table
+    mean_ratio = (one[0]["val_loss"] + one[3]["val_loss"]) / (one[1]["val_loss"] + one[4]["val_loss"])
+    assert f"DFN / Llama val loss = {mean_ratio:.3f} on the mean over seeds" in table
 
 
 # ---------------------------------------------------------------------------------------------------------------------
