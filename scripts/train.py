@@ -276,8 +276,9 @@ def count_parameters(model) -> int:
 
 
 class ByteLMTrainer(Trainer):
-    """Trainer whose evaluations also report bits per byte and perplexity (`<prefix>_bpb`, `<prefix>_ppl`), and
-    whose schedule follows a `CosineHorizon` when one is given (time-budgeted runs)."""
+    """Trainer whose evaluations also report bits per byte and perplexity (`<prefix>_bpb`, `<prefix>_ppl`), whose
+    schedule follows a `CosineHorizon` when one is given (time-budgeted runs), and whose optimizer gives a DFN's
+    geometry parameters `geometry_lr_scale` times the learning rate (`split_geometry_group`)."""
 
     def __init__(self, *args, lr_horizon: CosineHorizon | None = None, geometry_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
