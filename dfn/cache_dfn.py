@@ -6,7 +6,7 @@ Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .neighbors_dfn import DECODE_BLOCK, block_boxes
+from .neighbors_dfn import DECODE_BLOCK, BlockBoxes
 
 
 def cache_signature(config) -> dict:
@@ -43,7 +43,7 @@ class DFNCacheLayer(CacheLayerMixin):
         self.start = self.end = 0
         self.memory: dict | None = None
         self.memory_stale = False
-        self.boxes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.boxes: BlockBoxes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         batch, length, heads, features = key_states.shape
@@ -72,14 +72,13 @@ class DFNCacheLayer(CacheLayerMixin):
         return self.features
 
     def _extend_boxes(self, key_valid: torch.Tensor) -> None:
-        """Add the bounding boxes of newly completed blocks: the decoding search structure (`causal_knn_blocks`)."""
-        done = 0 if self.boxes is None else self.boxes[0].shape[1]
+        """Add the bounding boxes of newly completed blocks to the decoding search structure (`causal_knn_blocks`)."""
+        done = 0 if self.boxes is None else self.boxes.num_blocks
         complete = self.end // DECODE_BLOCK
         if complete > done:
-            new = block_boxes(self.positions, key_valid, done, complete)
-            self.boxes = (
-                new if self.boxes is None else tuple(torch.cat(p, 1) for p in zip(self.boxes, new, strict=True))
-            )
+            if self.boxes is None:
+                self.boxes = BlockBoxes()
+            self.boxes.extend(self.positions, key_valid, done, complete)
 
     def trim(self, window: int) -> None:
         """Keep only the last `window` entities (then at most `window` are searched: no block structure)."""
@@ -136,7 +135,7 @@ class DFNCacheLayer(CacheLayerMixin):
             return
         self.buffer = fn(self.buffer)
         if self.boxes is not None:
-            self.boxes = tuple(fn(t) for t in self.boxes)
+            self.boxes.apply(fn)
         if self.memory is not None:
             self.memory = {name: fn(t) for name, t in self.memory.items()}
 
@@ -157,7 +156,7 @@ class DFNCacheLayer(CacheLayerMixin):
             return
         self.end = max(self.end + tokens_to_remove, self.start)
         if self.boxes is not None:
-            self.boxes = tuple(t[:, : self.end // DECODE_BLOCK] for t in self.boxes)
+            self.boxes.crop(self.end // DECODE_BLOCK)
         if self.memory is not None:
             self.memory, self.memory_stale = None, True
 

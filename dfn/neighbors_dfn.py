@@ -409,7 +409,10 @@ def causal_knn_scan(
 
 
 DECODE_BLOCK = 64  # entities per block of the decoding search structure kept in the cache
+BOX_FANOUT = 16  # children per node of the box tree above the blocks
 _DECODE_TOP_BLOCKS = 8  # blocks searched densely per decoding step (besides the unfinished tail)
+_TREE_BEAM = 8  # nodes kept per tree level on the way down to the blocks
+_FLAT_MAX_BOXES = 4096  # a decoding step bounds every node of the lowest tree level that has at most this many
 
 
 def block_boxes(
@@ -426,46 +429,161 @@ def block_boxes(
     return low, high
 
 
+class BlockBoxes:
+    """The decoding search structure a cache layer keeps: a tree of bounding boxes.
+
+    Level 0 holds the boxes `(B, n_0, H, k)` of the complete blocks of `DECODE_BLOCK` keys; node j of level l + 1
+    bounds nodes `[j F, (j + 1) F)` of level l (F = `BOX_FANOUT`), up to a single root. Levels grow in place with
+    capacity doubling, so completing a block costs O(F log n) amortised, never a copy of every box.
+    """
+
+    def __init__(self):
+        self.low: list[torch.Tensor] = []  # per level, a (B, capacity, H, k) buffer
+        self.high: list[torch.Tensor] = []
+        self.counts: list[int] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return self.counts[0] if self.counts else 0
+
+    def level(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(low, high)` boxes `(B, n_l, H, k)` of level `index`."""
+        count = self.counts[index]
+        return self.low[index][:, :count], self.high[index][:, :count]
+
+    def extend(self, key_pos: torch.Tensor, key_valid: torch.Tensor, first: int, last: int) -> None:
+        """Add blocks `first..last-1` of `key_pos` `(B, T, H, k)` (`first` = the current block count)."""
+        self._write(0, first, *block_boxes(key_pos, key_valid, first, last))
+        self._refresh_parents(first, last)
+
+    def crop(self, num_blocks: int) -> None:
+        """Keep the first `num_blocks` blocks (their ancestors are rebuilt)."""
+        self.counts = [min(self.num_blocks, num_blocks)]
+        del self.low[1:], self.high[1:]
+        self._refresh_parents(0, self.counts[0])
+
+    def apply(self, fn) -> None:
+        """Apply a batch-first `fn` (e.g. a beam reorder) to every level."""
+        self.low, self.high = [fn(t) for t in self.low], [fn(t) for t in self.high]
+
+    def _write(self, level: int, start: int, low: torch.Tensor, high: torch.Tensor) -> None:
+        stop = start + low.shape[1]
+        if level == len(self.counts):
+            self.low.append(low.new_empty(low.shape[0], 0, *low.shape[2:]))
+            self.high.append(high.new_empty(high.shape[0], 0, *high.shape[2:]))
+            self.counts.append(0)
+        if stop > self.low[level].shape[1]:
+            capacity = max(stop, 2 * self.low[level].shape[1], 16)
+            for buffers in (self.low, self.high):
+                grown = buffers[level].new_empty(buffers[level].shape[0], capacity, *buffers[level].shape[2:])
+                grown[:, : self.counts[level]] = buffers[level][:, : self.counts[level]]
+                buffers[level] = grown
+        self.low[level][:, start:stop] = low
+        self.high[level][:, start:stop] = high
+        self.counts[level] = max(self.counts[level], stop)
+
+    def _refresh_parents(self, first: int, last: int) -> None:
+        """Recompute the ancestors of level-0 nodes `first..last-1`."""
+        level = 0
+        while self.counts[level] > 1 and last > first:
+            count = self.counts[level]
+            parent_first, parent_last = first // BOX_FANOUT, (last - 1) // BOX_FANOUT + 1
+            span = slice(parent_first * BOX_FANOUT, min(parent_last * BOX_FANOUT, count))
+            low, high = self.low[level][:, span], self.high[level][:, span]
+            missing = (parent_last - parent_first) * BOX_FANOUT - low.shape[1]
+            if missing:  # the last parent has fewer children: pad with empty boxes
+                low = torch.cat([low, low.new_full((low.shape[0], missing, *low.shape[2:]), float("inf"))], 1)
+                high = torch.cat([high, high.new_full((high.shape[0], missing, *high.shape[2:]), float("-inf"))], 1)
+            groups = (low.shape[0], parent_last - parent_first, BOX_FANOUT, *low.shape[2:])
+            self._write(level + 1, parent_first, low.view(groups).amin(2), high.view(groups).amax(2))
+            self.counts[level + 1] = (count - 1) // BOX_FANOUT + 1
+            level, first, last = level + 1, parent_first, parent_last
+
+
+def _box_bounds(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Lower bounds `(B, H, c)` of the squared distance from `query` `(B, H, k)` to any key in boxes `(B, H, c, k)`."""
+    query = query.unsqueeze(2)
+    gap = (low - query).clamp_min(0) + (query - high).clamp_min(0)
+    return _sq_dist([gap[..., c] for c in range(gap.shape[-1])], [torch.zeros_like(gap[..., 0])] * gap.shape[-1])
+
+
+def _descend(query: torch.Tensor, boxes: BlockBoxes, stats: dict | None):
+    """A beam descent of the box tree: the `_DECODE_TOP_BLOCKS` blocks `(B, H, top)` with the smallest box bounds,
+    the smallest bound `(B, H)` among the nodes left out on the way (None if none; keys in blocks not chosen are at
+    least that far), and whether the descent started above the blocks. Only then can a chosen index lie past the
+    last block (a child of the last, partial node): it stands for no block.
+
+    Starts at the lowest level with at most `_FLAT_MAX_BOXES` nodes, so a step bounds
+    O(_FLAT_MAX_BOXES + levels x beam x fanout) boxes: O(log n) in the number of blocks."""
+    batch, heads, _ = query.shape
+    level = start = next(i for i, count in enumerate(boxes.counts) if count <= _FLAT_MAX_BOXES)
+    low, high = boxes.level(level)
+    bound = _box_bounds(query, low.transpose(1, 2), high.transpose(1, 2))  # every node of the starting level
+    nodes, left_out, reads = None, None, bound.shape[-1]  # nodes None: the identity (node j is bound j)
+    while True:
+        keep = _DECODE_TOP_BLOCKS if level == 0 else _TREE_BEAM
+        if bound.shape[-1] > keep:
+            best, order = torch.topk(bound, keep + 1, dim=-1, largest=False)
+            left_out = best[..., keep] if left_out is None else torch.minimum(left_out, best[..., keep])
+            nodes = order[..., :keep] if nodes is None else nodes.gather(-1, order[..., :keep])
+        elif nodes is None:
+            nodes = torch.arange(bound.shape[-1], device=query.device).expand(batch, heads, -1)
+        if level == 0:
+            break
+        level -= 1
+        nodes = (nodes.unsqueeze(-1) * BOX_FANOUT + torch.arange(BOX_FANOUT, device=query.device)).flatten(2)
+        low, high = boxes.level(level)
+        inside, clamped = nodes < low.shape[1], nodes.clamp_max(low.shape[1] - 1)
+        rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
+        head_index = torch.arange(heads, device=query.device).view(1, -1, 1)
+        bound = _box_bounds(query, low[rows, clamped, head_index], high[rows, clamped, head_index])
+        bound = bound.masked_fill(~inside, float("inf"))
+        reads += nodes.shape[-1]
+    if stats is not None:
+        stats["box_reads"] = stats.get("box_reads", 0) + reads
+    return nodes, left_out, start > 0
+
+
 def causal_knn_blocks(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
     key_valid: torch.Tensor,
     num_neighbors: int,
     query_offset: int,
-    boxes: tuple[torch.Tensor, torch.Tensor],
+    boxes: BlockBoxes,
     stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact causal kNN for one decoding query per row over a cached block structure; result as the oracle's.
+    """Exact causal kNN for one decoding query per row over the cache's box tree; result as the oracle's.
 
-    `boxes` are the bounding boxes `(B, nb, H, k)` of the first `nb` complete blocks of `DECODE_BLOCK` keys (kept
-    and extended by the cache as blocks complete). Candidates: the unfinished tail after those blocks, plus the
-    `_DECODE_TOP_BLOCKS` blocks whose boxes are nearest. The answer is exact when every row and head found K valid
-    candidates strictly nearer than the nearest unsearched box (its entities cannot win, not even a tie); otherwise
-    the step falls back to `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(nb) box bounds
-    plus O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
+    Candidates: the unfinished tail after the complete blocks, plus the `_DECODE_TOP_BLOCKS` blocks that
+    `_descend` finds nearest. The answer is exact when every row and head found K valid candidates strictly nearer
+    than every box left out (their entities cannot win, not even a tie); otherwise the step falls back to
+    `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(log n) box bounds plus
+    O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
     """
     batch, num_queries, heads, dim = query_pos.shape
-    low, high = boxes
-    num_blocks, num_keys = low.shape[1], query_offset + num_queries
-    top = min(_DECODE_TOP_BLOCKS, num_blocks)
+    num_blocks, num_keys = boxes.num_blocks, query_offset + num_queries
     with torch.no_grad():
         query = query_pos[:, -1].float()  # (B, H, k)
-        gap = (low - query.unsqueeze(1)).clamp_min(0) + (query.unsqueeze(1) - high).clamp_min(0)  # (B, nb, H, k)
-        bound = _sq_dist([gap[..., c] for c in range(dim)], [torch.zeros_like(gap[..., 0])] * dim)  # (B, nb, H)
-        bound, order = torch.topk(bound.transpose(1, 2), min(top + 1, num_blocks), dim=-1, largest=False)
+        blocks, left_out, descended = _descend(query, boxes, stats)
+        real = blocks < num_blocks if descended else None  # (B, H, top)
         offsets = torch.arange(DECODE_BLOCK, device=query.device)
-        chosen = (order[..., :top].unsqueeze(-1) * DECODE_BLOCK + offsets).flatten(2)  # (B, H, top * block)
+        chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
+        chosen = chosen.flatten(2)  # (B, H, top * block)
         tail = torch.arange(num_blocks * DECODE_BLOCK, num_keys, device=query.device).expand(batch, heads, -1)
         index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
         rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
         cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
         dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
         ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & (index < num_keys)
+        if real is not None:
+            ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
         best = torch.topk(
             _sort_keys(dist, _LOW32 - index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
         ).values  # (B, H, K')
         kth_dist, _ = _kth(best[..., -1])
-        settled = top == num_blocks or bool((kth_dist < bound[..., top]).all())
+        # exact where the K-th found is nearer than every left-out box (trivially when nothing was left out)
+        settled = left_out is None or bool((kth_dist < left_out).all())
     if stats is not None:
         stats["steps"] = stats.get("steps", 0) + 1
         stats["candidates"] = stats.get("candidates", 0) + index.shape[-1]
@@ -485,19 +603,19 @@ def causal_knn(
     num_neighbors: int,
     query_offset: int = 0,
     method: str = "auto",
-    boxes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    boxes: BlockBoxes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the configured search; every method returns the same result.
 
     `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: for a decoding step
-    `causal_knn_blocks` over the cache's block `boxes` (or `causal_knn_scan` without them, or for two queries),
+    `causal_knn_blocks` over the cache's box tree (or `causal_knn_scan` without them, or for two queries),
     the oracle for tiny problems, else the fast search."""
     if method not in ("auto", "fast", "reference"):
         raise ValueError(f"unknown neighbour search {method!r}")
     num_queries = query_pos.shape[1]
     if method == "reference":
         return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
-    if method == "auto" and num_queries == 1 and boxes is not None and boxes[0].shape[1] > _DECODE_TOP_BLOCKS:
+    if method == "auto" and num_queries == 1 and boxes is not None and boxes.num_blocks > _DECODE_TOP_BLOCKS:
         return causal_knn_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, boxes)
     if method == "auto" and num_queries <= 2:
         return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
@@ -508,6 +626,7 @@ def causal_knn(
 
 __all__ = [
     "DECODE_BLOCK",
+    "BlockBoxes",
     "block_boxes",
     "causal_knn",
     "causal_knn_blocks",

@@ -12,7 +12,7 @@ from conftest import make_model, max_diff, pad_batch, random_ids, tiny_config
 import dfn.neighbors_dfn as nd
 from dfn.neighbors_dfn import (
     DECODE_BLOCK,
-    block_boxes,
+    BlockBoxes,
     causal_knn,
     causal_knn_blocks,
     causal_knn_fast,
@@ -163,29 +163,96 @@ def test_scan_equals_oracle_for_decoding_steps(name, dim):
             assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1))
 
 
+def built_boxes(pos: torch.Tensor, key_valid: torch.Tensor, num_blocks: int, step: int = 3) -> BlockBoxes:
+    """The box tree of the first `num_blocks` blocks, grown a few blocks at a time as a cache grows it."""
+    boxes = BlockBoxes()
+    for first in range(0, num_blocks, step):
+        boxes.extend(pos, key_valid, first, min(first + step, num_blocks))
+    return boxes
+
+
+# (fanout, beam, flat maximum): the default (one flat level below 4096 blocks) and tiny trees whose beam descent
+# crosses several levels on these small inputs
+TREES = {"flat": (16, 8, 4096), "tree": (2, 3, 2), "tree-wide": (4, 2, 4)}
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
 @pytest.mark.parametrize("name", ["time", "iid", "clustered", "duplicates", "lattice", "equal"])
-def test_block_decoding_search_equals_oracle_and_reads_few_candidates(name):
-    """Decoding over the cache's block boxes: the oracle's answer every step; candidates read per step stay
-    bounded by the searched blocks plus the unfinished tail (not the context), fallbacks are counted."""
+def test_block_decoding_search_equals_oracle_and_reads_few_candidates(name, tree, monkeypatch):
+    """Decoding over the cache's box tree: the oracle's answer every step; candidates read per step stay bounded by
+    the searched blocks plus the unfinished tail (not the context), box bounds by the descent, fallbacks counted."""
+    fanout, beam, flat = TREES[tree]
+    monkeypatch.setattr(nd, "BOX_FANOUT", fanout)
+    monkeypatch.setattr(nd, "_TREE_BEAM", beam)
+    monkeypatch.setattr(nd, "_FLAT_MAX_BOXES", flat)
     length, heads = 1500, 2
     pos = layout(name, 4, length, heads, 2, seed=9)
     key_valid = masks(length)
     stats: dict = {}
     for offset in range(1100, length, 37):
-        low, high = block_boxes(pos, key_valid, 0, (offset + 1) // DECODE_BLOCK)
+        boxes = built_boxes(pos, key_valid, (offset + 1) // DECODE_BLOCK)
         for num_neighbors in (1, 16):
             ref_idx, ref_valid = causal_knn_reference(
                 pos[:, offset : offset + 1], pos, key_valid, num_neighbors, offset
             )
             idx, valid = causal_knn_blocks(
-                pos[:, offset : offset + 1], pos, key_valid, num_neighbors, offset, (low, high), stats
+                pos[:, offset : offset + 1], pos, key_valid, num_neighbors, offset, boxes, stats
             )
             assert torch.equal(valid, ref_valid), (name, offset)
             assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
     steps = stats["steps"]
     assert stats["candidates"] / steps <= 8 * DECODE_BLOCK + 2 * DECODE_BLOCK  # top blocks + tail, not ~1300 keys
+    if tree != "flat":  # ~20 blocks: the descent bounds a few nodes per level, not every block
+        assert stats["box_reads"] / steps <= flat + 5 * beam * fanout
     if name == "time":
         assert stats.get("fallbacks", 0) == 0  # time-ordered positions settle without the full scan
+
+
+def test_box_tree_reads_grow_logarithmically(monkeypatch):
+    """Box bounds per decoding step: O(log n) in the number of blocks once past the flat level (counted)."""
+    monkeypatch.setattr(nd, "_FLAT_MAX_BOXES", 16)
+    reads = {}
+    for num_blocks in (64, 256, 1024):
+        length = num_blocks * DECODE_BLOCK + 1
+        pos = layout("time", 1, length, 1, 2, seed=3)
+        key_valid = torch.ones(1, length, dtype=torch.bool)
+        stats: dict = {}
+        boxes = built_boxes(pos, key_valid, num_blocks, step=num_blocks)
+        idx, valid = causal_knn_blocks(pos[:, -1:], pos, key_valid, 16, length - 1, boxes, stats)
+        ref_idx, ref_valid = causal_knn_reference(pos[:, -1:], pos, key_valid, 16, length - 1)
+        assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1))
+        reads[num_blocks] = stats["box_reads"]
+    # each 4x more blocks adds half a level of fanout 16: a constant number of reads, not 4x
+    assert reads[1024] <= reads[64] + 2 * nd._TREE_BEAM * nd.BOX_FANOUT, reads
+    assert reads[1024] < 1024 / 4, reads
+
+
+def test_box_tree_growth_crop_and_reorder_equal_a_fresh_build(monkeypatch):
+    """Growing block by block, cropping and reordering rows give the boxes a fresh build of those blocks gives."""
+    monkeypatch.setattr(nd, "BOX_FANOUT", 3)
+    pos = layout("iid", 3, 40 * DECODE_BLOCK, 2, 2, seed=5)
+    key_valid = masks(40 * DECODE_BLOCK)[:3]
+
+    def same(a: BlockBoxes, b: BlockBoxes):
+        assert a.counts == b.counts
+        for level in range(len(a.counts)):
+            for x, y in zip(a.level(level), b.level(level), strict=True):
+                assert torch.equal(x, y), level
+
+    grown = built_boxes(pos, key_valid, 40, step=1)
+    same(grown, built_boxes(pos, key_valid, 40, step=40))
+    assert grown.counts == [40, 14, 5, 2, 1]
+    low, high = grown.level(len(grown.counts) - 1)  # the root bounds every valid key
+    valid = key_valid.view(3, -1, 1, 1)
+    assert torch.equal(low[:, 0], pos.masked_fill(~valid, float("inf")).amin(1))
+    assert torch.equal(high[:, 0], pos.masked_fill(~valid, float("-inf")).amax(1))
+    grown.crop(22)
+    same(grown, built_boxes(pos, key_valid, 22, step=22))
+    grown.extend(pos, key_valid, 22, 31)
+    same(grown, built_boxes(pos, key_valid, 31, step=31))
+    order = torch.tensor([2, 0, 0])
+    grown.apply(lambda t: t.index_select(0, order))
+    same(grown, built_boxes(pos[order], key_valid[order], 31, step=31))
 
 
 def test_reference_pads_early_query_chunks():

@@ -90,7 +90,7 @@ def test_decoding_over_block_structure_matches_full_pass():
     full = model(ids, attention_mask=mask).logits
     cache = DFNCache(model.config)
     model(ids[:, :680], attention_mask=mask[:, :680], cache=cache, use_cache=True)
-    assert cache.layers[0].boxes[0].shape[1] == 680 // 64
+    assert cache.layers[0].boxes.num_blocks == 680 // 64
     steps = [
         model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache, use_cache=True).logits
         for i in range(680, 700)
