@@ -384,7 +384,7 @@ def main(argv=None) -> list[dict]:
         shutil.rmtree(out_root)
     out_root.mkdir(parents=True)
 
-    start = time.time()
+    start, commit = time.time(), train_lib.git_commit()  # the code the runs use, whatever is committed meanwhile
     jobs = [
         (name, context, seed)
         for seed_index, seed in enumerate(args.seeds)
@@ -400,7 +400,7 @@ def main(argv=None) -> list[dict]:
         preset=args.preset,
         command=" ".join(["python", "scripts/compare.py", *(sys.argv[1:] if argv is None else argv)]),
         hardware=train_lib.hardware_string(),
-        commit=train_lib.git_commit(),
+        commit=commit,
         date=time.strftime("%Y-%m-%d %H:%M"),
         wall_s=time.time() - start,
         steps=args.steps or preset["steps"],
