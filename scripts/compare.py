@@ -243,29 +243,39 @@ def relative_gain(baseline: list[float], model: list[float]) -> str:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
+    """Val-loss curves, one row per context, against steps and against wall-clock seconds: a colour per variant,
+    a line style per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    contexts = sorted({r["context"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    fig, axes = plt.subplots(len(contexts), 2, figsize=(13, 4.2 * len(contexts)), squeeze=False)
     for r in results:
         if not r["curve"]:
             continue
         steps, seconds, losses = zip(*r["curve"], strict=True)
-        style = "--" if r["model_type"] == "llama" else "-"
-        label = f"{r['run']} ctx{r['context']} s{r['seed']} ({r['val_loss']:.3f})"
-        axes[0].plot(steps, losses, style, marker=".", label=label)
-        axes[1].plot(seconds, losses, style, marker=".", label=label)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall-clock seconds (incl. evaluation)")
-    for ax in axes:
-        ax.set_ylabel("val loss (nats/byte)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+        row = axes[contexts.index(r["context"])]
+        style = dict(
+            color=f"C{ALL_VARIANTS.index(r['run'])}",
+            linestyle=("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4],
+            marker=".",
+            label=f"{r['run']} seed {r['seed']} ({r['val_loss']:.3f})",
+        )
+        row[0].plot(steps, losses, **style)
+        row[1].plot(seconds, losses, **style)
+    for context, row in zip(contexts, axes, strict=True):
+        row[0].set_xlabel("step")
+        row[1].set_xlabel("wall-clock seconds (incl. evaluation)")
+        for ax in row:
+            ax.set_ylabel(f"val loss, context {context} (nats/byte)")
+            ax.grid(alpha=0.3)
+        row[1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
