@@ -392,15 +392,17 @@ class CosineHorizon:
 
 class TimeBudgetCallback(TrainerCallback):
     """Fits a run into `budget_s` seconds of training: from step `calibrate_from` on it measures the seconds per step
-    and shortens the cosine horizon (never lengthens it) so that the schedule completes within the budget; a hard stop
-    at the budget remains as a safety net. Evaluations count against the budget. The horizon is not saved in
-    checkpoints: a time-budgeted run is not exactly resumable."""
+    and sets the cosine horizon (at most max_steps) so that the schedule completes within the budget. The horizon
+    follows the pace both ways: a machine that was busy at the start and then freed does not keep the short schedule
+    it fitted then. A hard stop at the budget remains as a safety net. Evaluations count against the budget. The
+    horizon is not saved in checkpoints: a time-budgeted run is not exactly resumable."""
 
     def __init__(self, budget_s: float, horizon: CosineHorizon | None = None, calibrate_from: int = 5):
         self.budget_s, self.horizon, self.calibrate_from = budget_s, horizon, calibrate_from
         self.start = self.mark = None
         self.mark_step = 0
         self.stopped_at = None
+        self.announced = None  # the horizon last printed
 
     def _sync(self, args, value: float) -> float:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -420,12 +422,12 @@ class TimeBudgetCallback(TrainerCallback):
         elif self.horizon is not None and self.mark is not None and step % 5 == 0:
             per_step = (now - self.mark) / (step - self.mark_step)
             remaining = self.budget_s - (now - self.start)
-            total = min(self.horizon.total_steps, step + max(1, int(remaining / per_step)))
-            total = int(self._sync(args, total))
-            if total < self.horizon.total_steps and state.is_world_process_zero and self.stopped_at is None:
-                if self.horizon.total_steps == state.max_steps:
-                    print(f"time budget {self.budget_s:.0f}s at {per_step:.2f}s/step: cosine horizon -> {total} steps")
-            self.horizon.total_steps = max(total, step)
+            total = min(state.max_steps, step + max(1, int(remaining / per_step)))
+            total = max(int(self._sync(args, total)), step)
+            if state.is_world_process_zero and abs(total - (self.announced or state.max_steps)) >= 10:
+                print(f"time budget {self.budget_s:.0f}s at {per_step:.2f}s/step: cosine horizon -> {total} steps")
+                self.announced = total
+            self.horizon.total_steps = total
         over = self._sync(args, float(now - self.start > self.budget_s))
         done = self.horizon is not None and step >= self.horizon.total_steps
         if (over or done) and step < state.max_steps:

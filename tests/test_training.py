@@ -219,6 +219,33 @@ def test_geometry_parameters_get_their_own_learning_rate_and_no_decay(texts, tmp
     assert geometry_lr == pytest.approx(10.0 * other_lrs[0]) and geometry_lr > 0
 
 
+def test_time_budget_horizon_follows_the_pace_both_ways(monkeypatch):
+    """Slow first steps shorten the cosine horizon; when the pace recovers it grows back (never past max_steps);
+    the run stops at the end of the fitted schedule or at the budget."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(train_lib.time, "time", lambda: clock[0])
+    horizon = train_lib.CosineHorizon(warmup_steps=5, total_steps=100, min_ratio=0.1)
+    callback = train_lib.TimeBudgetCallback(budget_s=100.0, horizon=horizon)
+    state = SimpleNamespace(global_step=0, max_steps=100, is_world_process_zero=True)
+    args = SimpleNamespace(device="cpu")
+    callback.on_train_begin(args, state, None)
+    horizons = {}
+    for step in range(1, 101):
+        clock[0] += 3.0 if step <= 20 else 0.4  # a busy machine, then a free one
+        state.global_step = step
+        control = SimpleNamespace(should_training_stop=False)
+        callback.on_step_end(args, state, control)
+        horizons[step] = horizon.total_steps
+        if control.should_training_stop:
+            break
+    assert horizons[20] < 50  # fitted to 3 s/step: 100 s hold about 33 steps
+    assert horizons[step] > horizons[20] + 20 and max(horizons.values()) <= 100
+    assert step == horizons[step] or clock[0] > 100.0
+    assert horizon(5) == 1.0 and horizon(horizon.total_steps) == pytest.approx(0.1)
+
+
 def test_resume_is_exact(texts, tmp_path):
     """A run resumed from step k reaches the same loss and weights at step 2k as an uninterrupted run."""
     k = 4
