@@ -35,6 +35,12 @@ def parse_args(argv=None):
     parser.add_argument("--train-max-length", type=int, default=16384, help="longest forward+backward measured")
     parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument(
+        "--decode-flat-max",
+        type=int,
+        default=0,
+        help="DFN decoding: blocks bounded all at once before the box-tree descent takes over (0: the library's)",
+    )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -123,6 +129,10 @@ def worker(spec: dict, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.decode_flat_max:
+        import dfn.neighbors_dfn
+
+        dfn.neighbors_dfn._FLAT_MAX_BOXES = args.decode_flat_max
     model = build_model(spec["kind"], args).to(device)
     ids = torch.randint(0, 256, (1, spec["length"]), device=device)
     result = {"params": sum(p.numel() for p in model.parameters())}
