@@ -496,7 +496,6 @@ class BlockBoxes:
                 high = torch.cat([high, high.new_full((high.shape[0], missing, *high.shape[2:]), float("-inf"))], 1)
             groups = (low.shape[0], parent_last - parent_first, BOX_FANOUT, *low.shape[2:])
             self._write(level + 1, parent_first, low.view(groups).amin(2), high.view(groups).amax(2))
-            self.counts[level + 1] = (count - 1) // BOX_FANOUT + 1
             level, first, last = level + 1, parent_first, parent_last
 
 

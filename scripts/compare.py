@@ -48,8 +48,8 @@ ABLATIONS = {
     "seed_layer": {"layer_variant": "seed"},
 }
 ALL_VARIANTS = ["dfn", "llama", "no_flow", "no_memory", "no_flownorm", "seed_layer"]
-LONG_CONTEXT_VARIANTS = ["dfn", "no_flow", "llama"]
-SEEDED_VARIANTS = ["dfn", "no_flow", "llama"]
+# the runs the targets compare: they also run at later contexts and with extra seeds
+TARGET_VARIANTS = ["dfn", "no_flow", "llama"]
 
 PRESETS = {
     # the test suite's check: every code path, tiny models, seconds
@@ -289,7 +289,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Same data (nanoGPT byte split; val = last 10 %, final score on "
         f"{meta['final_eval_blocks'] or 'all'} val blocks), steps ({meta['steps']}), "
         f"tokens per batch ({meta['tokens_per_batch']}) and schedule for every run; seeds {meta['seeds']} "
-        f"(extra seeds repeat {', '.join(SEEDED_VARIANTS)}). "
+        f"(extra seeds repeat {', '.join(TARGET_VARIANTS)}). "
         f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context and seed.",
         "",
         "| run | context | seed | params | val loss (nats/byte) | val bpb | vs Llama | tokens/s (train) | wall s |",
@@ -370,7 +370,7 @@ def main(argv=None) -> list[dict]:
         type=int,
         nargs="+",
         default=[1337],
-        help=f"seeds; the extra ones repeat {', '.join(SEEDED_VARIANTS)} (the runs the targets compare)",
+        help=f"seeds; the extra ones repeat {', '.join(TARGET_VARIANTS)}",
     )
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output_dir", default=None)
@@ -399,8 +399,8 @@ def main(argv=None) -> list[dict]:
         (name, context, seed)
         for seed_index, seed in enumerate(args.seeds)
         for i, context in enumerate(contexts)
-        for name in (variants if i == 0 else [v for v in LONG_CONTEXT_VARIANTS if v in variants])
-        if seed_index == 0 or name in SEEDED_VARIANTS
+        for name in (variants if i == 0 else [v for v in TARGET_VARIANTS if v in variants])
+        if seed_index == 0 or name in TARGET_VARIANTS
     ]
     dfn_params = train_lib.count_parameters(DFNForCausalLM(DFNConfig(**preset["model"])))  # Llama is sized to it
     print(f"{len(jobs)} runs, {args.jobs} at a time: {', '.join(f'{n}@{c}/{s}' for n, c, s in jobs)}", flush=True)

@@ -401,7 +401,6 @@ class TimeBudgetCallback(TrainerCallback):
         self.budget_s, self.horizon, self.calibrate_from = budget_s, horizon, calibrate_from
         self.start = self.mark = None
         self.mark_step = 0
-        self.stopped_at = None
         self.announced = None  # the horizon last printed
 
     def _sync(self, args, value: float) -> float:
@@ -432,7 +431,6 @@ class TimeBudgetCallback(TrainerCallback):
         done = self.horizon is not None and step >= self.horizon.total_steps
         if (over or done) and step < state.max_steps:
             control.should_training_stop = True
-            self.stopped_at = step
             if state.is_world_process_zero:
                 reason = "time budget reached" if over else "end of the budget-fitted schedule"
                 print(f"{reason}: stopping at step {step} of {state.max_steps}")
