@@ -375,6 +375,29 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(config_name, dropout):
             assert max_diff(param.grad, other.grad) <= 1e-6, name
 
 
+@pytest.mark.parametrize("neighbor_chunk, query_chunk", [(6, 7), (12, 4096), (1, 1)])  # batch 3: 2, 4, 1 queries
+def test_chunked_mixing_and_mlp_give_same_loss_and_grads(monkeypatch, neighbor_chunk, query_chunk):
+    """The neighbour gather (batch-aware query chunks) and the MLP run in chunks at long lengths or large batches;
+    any chunking gives the unchunked loss and gradients on a padded batch."""
+    import dfn.modeling_dfn as modeling
+
+    sequences = [random_ids(1, n, seed=n)[0] for n in (LENGTH, 17, 23)]
+    ids, mask = pad_batch(sequences, "left", garbage=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    model = make_model(tiny_config("k3-mem-residual")).train()
+    chunked = copy.deepcopy(model)
+    out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
+    monkeypatch.setattr(modeling, "NEIGHBOR_CHUNK", neighbor_chunk)
+    monkeypatch.setattr(modeling, "QUERY_CHUNK", query_chunk)
+    out_chunked = chunked(ids, attention_mask=mask, labels=labels, use_cache=False)
+    assert abs(out.loss.item() - out_chunked.loss.item()) <= 1e-6
+    out.loss.backward()
+    out_chunked.loss.backward()
+    chunked_params = dict(chunked.named_parameters())
+    for name, param in model.named_parameters():
+        assert max_diff(param.grad, chunked_params[name].grad) <= 1e-6, name
+
+
 def test_inputs_embeds_equals_input_ids(model):
     sequences = [random_ids(1, n, seed=22 + n)[0] for n in (LENGTH, 14)]
     ids, mask = pad_batch(sequences, "left")
