@@ -76,7 +76,9 @@ _BUDGET = 1 << 20  # candidate slots evaluated at once (bounds temporaries; smal
 _NO_KEY = torch.iinfo(torch.int64).max  # sort key of an empty or invalid slot
 _LOW32 = 0xFFFFFFFF
 _NO_INDEX = 1 << 40  # index of a missing K-th neighbour: above every real index
-_REFERENCE_MAX_PAIRS = 1 << 16  # "auto" uses the oracle up to this many (query, key) pairs
+# "auto" uses the oracle up to this many (query, key) pairs (measured crossover, 16 x 4 rows: oracle 8.5 ms vs fast
+# 10.1 ms at 64 x 64, 36.8 vs 19.5 ms at 128 x 128, 86.8 vs 42.6 ms at 256 x 256)
+_REFERENCE_MAX_PAIRS = 64 * 64
 
 
 def _sq_dist(query: list, key: list) -> torch.Tensor:
