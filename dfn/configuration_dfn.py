@@ -40,7 +40,8 @@ class DFNConfig(PreTrainedConfig):
         use_flownorm (`bool`): FlowNorm (per-entity RMS normalisation); False replaces it by identity.
         layer_variant (`str`): "residual" (pre-norm residual block, default) or "seed" (the seed's literal layer
             `FlowNorm(MLP([s, y]))` without residual path).
-        neighbor_search (`str`): "reference" (brute-force exact oracle), "fast", or "auto" (fast when available).
+        neighbor_search (`str`): "reference" (brute-force exact oracle, kernel mix differentiated by autograd: the
+            test reference), "fast", or "auto" (the fastest exact search for each problem size).
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         flownorm_eps (`float`): epsilon of FlowNorm.
     """
