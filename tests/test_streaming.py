@@ -81,18 +81,25 @@ def test_memory_write_is_causal_per_chunk():
 
 
 @torch.no_grad()
-def test_decoding_over_block_structure_matches_full_pass():
-    """Past 8 complete blocks the cache's block boxes drive each decoding step's search: still the full pass."""
+def test_decoding_over_block_structure_matches_full_pass(monkeypatch):
+    """Past 32 complete blocks the cache's box tree drives each decoding step's search: still the full pass."""
+    import dfn.neighbors_dfn as nd
+
+    searches = []
+    blocks_search = nd.causal_knn_blocks
+    monkeypatch.setattr(nd, "causal_knn_blocks", lambda *args: searches.append(1) or blocks_search(*args))
     model = tiny_model()
-    ids = torch.randint(0, 256, (2, 700))
-    mask = torch.ones(2, 700, dtype=torch.long)
+    length, prefill = 2200, 2180
+    ids = torch.randint(0, 256, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
     mask[1, :37] = 0  # left padding: empty boxes for padding-only blocks
     full = model(ids, attention_mask=mask).logits
     cache = DFNCache(model.config)
-    model(ids[:, :680], attention_mask=mask[:, :680], cache=cache, use_cache=True)
-    assert cache.layers[0].boxes.num_blocks == 680 // 64
+    model(ids[:, :prefill], attention_mask=mask[:, :prefill], cache=cache, use_cache=True)
+    assert cache.layers[0].boxes.num_blocks == prefill // 64 > nd._SCAN_MAX_BLOCKS
     steps = [
         model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache, use_cache=True).logits
-        for i in range(680, 700)
+        for i in range(prefill, length)
     ]
-    assert torch.allclose(full[:, 680:], torch.cat(steps, 1), atol=1e-4, rtol=0)
+    assert len(searches) == (length - prefill) * model.config.num_hidden_layers
+    assert torch.allclose(full[:, prefill:], torch.cat(steps, 1), atol=1e-4, rtol=0)
