@@ -389,6 +389,11 @@ def test_compare_quick_runs_every_variant(tmp_path):
     assert "| llama |" in (tmp_path / "cmp" / "results.md").read_text()
     resolved = json.loads((tmp_path / "cmp" / "no_flow-ctx32" / "train_config.json").read_text())
     assert resolved["model"]["use_flow"] is False
+    heads = {
+        name: json.loads((tmp_path / "cmp" / f"{name}-ctx32" / "train_config.json").read_text())["model"]
+        for name in ("eight_heads", "llama")
+    }
+    assert heads["eight_heads"]["num_attention_heads"] == 8 and heads["llama"]["num_attention_heads"] == 2
 
 
 def test_compare_parallel_jobs_and_seeds(tmp_path):
