@@ -289,7 +289,9 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)  # (B, N, H, k + D + 1)
         if cache_layer is None:
             features = new_features
-        elif new_features.requires_grad:  # keep the new entities' gradient path (the cache stores detached copies)
+        elif new_features.requires_grad or inv_two_var.requires_grad:
+            # keep the new entities' gradient path (the cache stores detached copies), and never let the backward see
+            # a view of the cache buffer that later calls overwrite in place
             features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
             cache_layer.update(new_features, key_mask)
         else:

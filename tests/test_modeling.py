@@ -460,18 +460,40 @@ def test_reference_and_fused_mixing_give_same_loss_and_grads():
         assert max_diff(grads_auto[name], grad) <= 1e-5, name
 
 
-def test_bf16_autocast_training_step_has_finite_grads_on_both_mixing_paths():
-    """`--bf16` trains under autocast: the fused kernel mix and the reference give the same loss and finite grads."""
+def test_segment_training_with_only_kernel_widths_trainable():
+    """Reading a document in cached segments with grad on, where only the kernel widths train (the new entities need
+    no gradient): the backward never sees a cache buffer a later segment overwrote, and both mixing paths agree."""
+    ids = random_ids(1, LENGTH, seed=9)
+    grads = []
+    for method in ("reference", "auto"):
+        model = make_model(tiny_config("k3-mem-residual", neighbor_search=method)).train()
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith("log_kernel_width"))
+        cache, loss = None, 0.0
+        for part in (slice(0, 12), slice(12, 20), slice(20, LENGTH)):
+            out = model(ids[:, part], labels=ids[:, part], cache=cache, use_cache=True)
+            cache, loss = out.cache, loss + out.loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert grad is not None and max_diff(grads[1][name], grad) <= 1e-5, name
+
+
+def test_bf16_autocast_training_step_grads_agree_on_both_mixing_paths():
+    """`--bf16` trains under autocast. The fused kernel mix differentiates in fp32 where autograd through the reference
+    runs in bf16, so the gradients agree only to bf16 precision (measured: 1.4 % of each tensor's largest entry); a
+    wrong backward under autocast is off by far more."""
     ids = random_ids(2, LENGTH, seed=5)
-    losses = []
+    grads = []
     for method in ("reference", "auto"):
         model = make_model(tiny_config("k3-mem-residual", neighbor_search=method)).train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(ids, labels=ids, use_cache=False).loss
         loss.backward()
-        losses.append(loss.item())
-        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-    assert math.isfinite(losses[0]) and abs(losses[0] - losses[1]) <= 1e-3
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert bool(torch.isfinite(grads[1][name]).all()), name
+        assert max_diff(grads[1][name], grad) <= 0.1 * grad.abs().max().item(), name
 
 
 def test_inputs_embeds_equals_input_ids(model):
