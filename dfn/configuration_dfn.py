@@ -36,6 +36,9 @@ class DFNConfig(PreTrainedConfig):
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width as a multiple of `hidden_size`.
         dropout (`float`, defaults to 0.0): dropout on the mixed values and the MLP output.
         use_flow (`bool`): move positions by the flow (False: α = 0, time-only positions).
+        use_query_flow (`bool`, defaults to False): each entity looks for its neighbours from `p_i' + α W_q s_i`
+            instead of from its own position `p_i'` (where others find it). With one position per entity the kernel
+            is symmetric and cannot express "find the entity after the one like me" (copying); see the README.
         use_memory (`bool`): use the persistent field memory.
         use_flownorm (`bool`): FlowNorm (per-entity RMS normalisation); False replaces it by identity.
         layer_variant (`str`): "residual" (pre-norm residual block, default) or "seed" (the seed's literal layer
@@ -66,6 +69,7 @@ class DFNConfig(PreTrainedConfig):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         use_flow: bool = True,
+        use_query_flow: bool = False,
         use_memory: bool = True,
         use_flownorm: bool = True,
         layer_variant: str = "residual",
@@ -94,6 +98,7 @@ class DFNConfig(PreTrainedConfig):
         self.mlp_ratio = mlp_ratio
         self.dropout = dropout
         self.use_flow = use_flow
+        self.use_query_flow = use_query_flow
         self.use_memory = use_memory
         self.use_flownorm = use_flownorm
         self.layer_variant = layer_variant
@@ -163,9 +168,11 @@ class DFNConfig(PreTrainedConfig):
             raise ValueError(f"DFNConfig.flow_alpha_init must be a number in [0, 10], got {self.flow_alpha_init!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("use_flow", "use_memory", "use_flownorm"):
+        for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DFNConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_query_flow and not self.use_flow:
+            raise ValueError("DFNConfig.use_query_flow needs use_flow=True (the query flow shares the flow's step α)")
         if self.layer_variant not in LAYER_VARIANTS:
             raise ValueError(f"DFNConfig.layer_variant must be one of {LAYER_VARIANTS}, got {self.layer_variant!r}")
         if self.neighbor_search not in NEIGHBOR_SEARCHES:

@@ -212,6 +212,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         if config.use_flow:
             self.flow_proj = nn.Linear(config.hidden_size, heads * pos_dim, bias=False)
             self.flow_alpha = nn.Parameter(torch.full((heads,), float(config.flow_alpha_init)))
+        if config.use_query_flow:
+            self.query_flow_proj = nn.Linear(config.hidden_size, heads * pos_dim, bias=False)
         self.log_kernel_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
         self.mix_dropout = nn.Dropout(config.dropout)
         self.mlp = DFNMLP(config)
@@ -251,11 +253,17 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         if self.config.use_flow:
             flow = self.flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
             positions = positions + self.flow_alpha.view(1, 1, -1, 1) * flow
+        queries = positions
+        if self.config.use_query_flow:
+            look = self.query_flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
+            queries = positions + self.flow_alpha.view(1, 1, -1, 1) * look
         log_weights = F.logsigmoid(self.influence_proj(x).float())  # (B, N, H)
         values = self.value_proj(x).view(batch, length, self.num_heads, self.head_dim).float()
         inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)  # (H,)
 
-        mixed, log_norm = self._mix_neighbors(positions, values, log_weights, key_mask, inv_two_var, cache_layer)
+        mixed, log_norm = self._mix_neighbors(
+            positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer
+        )
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             params = self._memory_params()
             state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], params)
@@ -284,8 +292,9 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             hidden_states = self.output_norm(self.mlp(torch.cat([hidden_states, mixed], dim=-1)))
         return hidden_states, positions
 
-    def _mix_neighbors(self, positions, values, log_weights, key_mask, inv_two_var, cache_layer):
-        """Gaussian-kernel average over the K nearest earlier entities: `(B, N, H, D)` and its log-normaliser."""
+    def _mix_neighbors(self, positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer):
+        """Gaussian-kernel average over the K earlier entities nearest to each query point `queries` `(B, N, H, k)`
+        (the entities' own `positions` unless the query flow moves them): `(B, N, H, D)` and its log-normaliser."""
         new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)  # (B, N, H, k + D + 1)
         if cache_layer is None:
             features = new_features
@@ -298,7 +307,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             features = cache_layer.update(new_features, key_mask)
         offset = features.shape[1] - positions.shape[1]
         indices, valid = causal_knn(
-            positions.detach(),
+            queries.detach(),
             features[..., : self.pos_dim].detach(),
             key_mask,
             self.config.num_neighbors,
@@ -307,7 +316,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             boxes=cache_layer.boxes if cache_layer is not None else None,
         )
         mix = kernel_average_reference if self.config.neighbor_search == "reference" else NeighborKernelAverage.apply
-        return mix(positions, features, inv_two_var, indices, valid, self.pos_dim)
+        return mix(queries, features, inv_two_var, indices, valid, self.pos_dim)
 
     def _memory_params(self) -> dict:
         return {

@@ -148,6 +148,7 @@ CONFIG_ERRORS = [
     ("dropout", 1.0, r"DFNConfig.dropout must be in \[0, 1\), got 1.0"),
     ("dropout", -0.1, r"DFNConfig.dropout must be in \[0, 1\)"),
     ("use_flow", "yes", r"DFNConfig.use_flow must be True or False"),
+    ("use_query_flow", 1, r"DFNConfig.use_query_flow must be True or False"),
     ("use_memory", 1, r"DFNConfig.use_memory must be True or False"),
     ("use_flownorm", None, r"DFNConfig.use_flownorm must be True or False"),
     ("layer_variant", "plain", r"DFNConfig.layer_variant must be one of \('residual', 'seed'\), got 'plain'"),
@@ -155,6 +156,11 @@ CONFIG_ERRORS = [
     ("pad_token_id", 259, r"DFNConfig.pad_token_id must be None or in \[0, vocab_size=259\)"),
     ("eos_token_id", -1, r"DFNConfig.eos_token_id must be None or in \[0, vocab_size=259\)"),
 ]
+
+
+def test_query_flow_without_flow_is_rejected():
+    with pytest.raises(ValueError, match=r"DFNConfig.use_query_flow needs use_flow=True"):
+        DFNConfig(use_flow=False, use_query_flow=True)
 
 
 @pytest.mark.parametrize("field, value, match", CONFIG_ERRORS, ids=[f"{f}={v!r}" for f, v, _ in CONFIG_ERRORS])

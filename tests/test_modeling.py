@@ -191,6 +191,8 @@ def test_gradients_reach_flow_kernel_influence_and_memory(config):
     names = ["log_kernel_width", "influence_proj.weight", "influence_proj.bias", "value_proj.weight"]
     if config.use_flow:
         names += ["flow_proj.weight", "flow_alpha"]
+    if config.use_query_flow:
+        names += ["query_flow_proj.weight"]
     if config.use_memory:
         names += ["memory_val", "memory_write_scale", "memory_log_weight"]
         names += ["memory_pos", "memory_log_width"] if config.pos_dim > 1 else []
@@ -215,6 +217,22 @@ def test_every_parameter_is_used(config):
     unused = [name for name, param in model.named_parameters() if param.grad is None or not param.grad.abs().sum()]
     assert unused == []
     assert any("flow_proj" in name for name, _ in model.named_parameters()) == config.use_flow
+
+
+def test_zero_query_flow_is_the_plain_flow():
+    """The query flow only moves where an entity looks from: zeroed, the model is the one without it."""
+    plain = make_model(tiny_config("k2-queryflow-mem-residual", use_query_flow=False))
+    looking = DFNForCausalLM(tiny_config("k2-queryflow-mem-residual")).eval()
+    missing, unexpected = looking.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == [f"model.layers.{i}.query_flow_proj.weight" for i in range(2)]
+    ids = random_ids(2, LENGTH, seed=14)
+    with torch.no_grad():
+        for layer in looking.model.layers:
+            layer.query_flow_proj.weight.zero_()
+        assert max_diff(looking(ids).logits, plain(ids).logits) == 0.0
+        for layer in looking.model.layers:
+            layer.query_flow_proj.weight.normal_(std=0.5)
+        assert max_diff(looking(ids).logits, plain(ids).logits) > 1e-3
 
 
 def test_no_flow_means_positions_are_time_only():

@@ -356,7 +356,7 @@ def test_fast_handles_empty_and_degenerate_inputs():
     assert_matches_oracle(pos, pos, none_valid, 4, 0, "no valid key")
 
 
-@pytest.mark.parametrize("config_name", ["k3-mem-residual", "k1-mem-seed"])
+@pytest.mark.parametrize("config_name", ["k3-mem-residual", "k1-mem-seed", "k2-queryflow-mem-residual"])
 def test_model_with_fast_search_equals_reference(config_name):
     sequences = [random_ids(1, n, seed=n)[0] for n in (300, 211)]
     ids, mask = pad_batch(sequences, "left", garbage=True)
