@@ -442,6 +442,32 @@ def test_neighbor_kernel_average_passes_gradcheck():
     )
 
 
+def test_mix_matrices_equal_the_dense_mix_and_its_transpose():
+    """The fused mix multiplies by the kernel weights as a sparse matrix, and accumulates the value gradients through
+    its transpose, built by sorting the key rows: both act as the dense matrices do, with a key chosen several times
+    by one query, keys chosen by several queries, and keys chosen by none."""
+    import dfn.modeling_dfn as modeling
+
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.rand(6, 4, generator=generator)
+    rows = torch.tensor([[2, 2, 0, 5], [5, 1, 1, 1], [0, 2, 7, 7], [7, 0, 5, 2], [1, 1, 1, 1], [2, 5, 0, 7]])
+    dense = torch.zeros(6, 8).index_put_((torch.arange(6).repeat_interleave(4), rows.view(-1)), weights.view(-1), True)
+    values, grads = torch.randn(8, 3, generator=generator), torch.randn(6, 3, generator=generator)
+    rows = rows.view(-1).int()
+    assert max_diff(modeling.mix_matrix(weights, rows, 8) @ values, dense @ values) <= 1e-6
+    assert max_diff(modeling.transposed_mix_matrix(weights, rows, 8) @ grads, dense.t() @ grads) <= 1e-6
+
+
+def test_fused_and_gather_forwards_agree(model):
+    """With gradients the kernel mix runs the fused (sparse product) forward, without them the gather path."""
+    ids = random_ids(2, LENGTH, seed=4)
+    with torch.no_grad():
+        gathered = model(ids, use_cache=False).logits
+    fused = model(ids, use_cache=False).logits
+    assert fused.requires_grad
+    assert max_diff(fused, gathered) <= 1e-5
+
+
 def test_reference_and_fused_mixing_give_same_loss_and_grads():
     """A model with neighbor_search="reference" (oracle search, autograd mixing) and the same weights with the default
     (fused mixing) agree on loss and every gradient, on a padded batch."""
