@@ -235,21 +235,24 @@ class NeighborKernelAverage(torch.autograd.Function):
         queries, features, inv_two_var, indices, valid = ctx.saved_tensors
         pos_dim, (batch, length) = queries.shape[-1], queries.shape[:2]
         flat = features.reshape(-1, features.shape[-1])  # (B·T·H, k + D + 1)
-        # the sampled product reads each key's values as one contiguous row
-        geometry, values = _key_geometry(flat, pos_dim), flat[:, pos_dim:-1].contiguous()
+        geometry, values = _key_geometry(flat, pos_dim), slice(pos_dim, -1)
         grad_queries = torch.zeros_like(queries)
         grad_geometry = torch.zeros_like(geometry)
         grad_inv_two_var = torch.zeros_like(inv_two_var)
-        probs = values.new_empty(indices.shape)  # (B, N, H, K) and the key rows they weigh, for the value gradients
+        probs = flat.new_empty(indices.shape)  # (B, N, H, K) and the key rows they weigh, for the value gradients
         all_rows = torch.empty(indices.shape, dtype=_index_dtype(indices, flat), device=indices.device)
         for part in query_chunks(batch, length):
             rows = neighbor_rows(features, indices[:, part])  # int64: index_add_ is several times slower with int32
             logits, gap, dist2 = neighbor_geometry(queries[:, part], geometry, rows, valid[:, part], inv_two_var)
             weights = torch.softmax(logits, dim=-1)  # (B, n, H, K)
             probs[:, part], all_rows[:, part] = weights, rows.view_as(weights)
-            g_mixed = grad_mixed[:, part].reshape(-1, values.shape[1])
-            matrix = mix_matrix(weights.view(-1, weights.shape[-1]), all_rows[:, part].reshape(-1), len(values))
-            g_probs = torch.sparse.sampled_addmm(matrix, g_mixed, values.t(), beta=0.0).values().view_as(weights)
+            # the output gradients padded to whole key rows with zeros: the sampled product reads the key rows as
+            # they are stored instead of a contiguous copy of every value
+            g_mixed = flat.new_zeros(*weights.shape[:-1], flat.shape[1])
+            g_mixed[..., values] = grad_mixed[:, part]
+            matrix = mix_matrix(weights.view(-1, weights.shape[-1]), all_rows[:, part].reshape(-1), len(flat))
+            g_probs = torch.sparse.sampled_addmm(matrix, g_mixed.view(-1, flat.shape[1]), flat.t(), beta=0.0)
+            g_probs = g_probs.values().view_as(weights)
             # softmax and logsumexp backward; masked logits were filled, so they pass no gradient
             g_logits = weights * (g_probs - (weights * g_probs).sum(-1, keepdim=True) + grad_log_norm[:, part, :, None])
             g_logits = g_logits * valid[:, part]
@@ -257,9 +260,10 @@ class NeighborKernelAverage(torch.autograd.Function):
             grad_queries[:, part] = -g_pos.sum(3)
             grad_geometry.index_add_(0, rows, torch.cat([g_pos, g_logits.unsqueeze(-1)], -1).view(-1, pos_dim + 1))
             grad_inv_two_var -= (g_logits * dist2).sum((0, 1, 3))
-        transposed = transposed_mix_matrix(probs.view(-1, probs.shape[-1]), all_rows.view(-1), len(values))
-        grad_values = transposed @ grad_mixed.reshape(-1, values.shape[1])
-        grad_features = torch.cat([grad_geometry[:, :pos_dim], grad_values, grad_geometry[:, pos_dim:]], dim=-1)
+        grad_features = torch.empty_like(flat)
+        transposed = transposed_mix_matrix(probs.view(-1, probs.shape[-1]), all_rows.view(-1), len(flat))
+        grad_features[:, values].addmm_(transposed, grad_mixed.reshape(-1, grad_mixed.shape[-1]), beta=0.0)
+        grad_features[:, :pos_dim], grad_features[:, -1] = grad_geometry[:, :pos_dim], grad_geometry[:, pos_dim]
         return grad_queries, grad_features.view(features.shape), grad_inv_two_var, None, None, None
 
 
