@@ -442,6 +442,33 @@ def test_neighbor_kernel_average_passes_gradcheck():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flow_norm_backward_equals_autograd(dtype):
+    """FlowNorm's hand-written backward gives autograd's gradients through the composite formula (computed in
+    float32, cast to the input's dtype before the weight)."""
+    import dfn.modeling_dfn as modeling
+
+    generator = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(2, 5, 8, generator=generator)).to(dtype)
+    weight = (1 + 0.5 * torch.randn(8, generator=generator)).to(dtype)
+    grad = torch.randn(2, 5, 8, generator=generator).to(dtype)
+
+    def composite(x, weight):
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    results = []
+    for norm in (composite, lambda x, w: modeling.FlowNormFunction.apply(x, w, 1e-6)):
+        inputs = [t.clone().requires_grad_() for t in (x, weight)]
+        out = norm(*inputs)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in inputs)])
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    for name, ours, reference in zip(["output", "x", "weight"], *reversed(results), strict=True):
+        assert ours.dtype == reference.dtype, name
+        assert max_diff(ours.float(), reference.float()) <= tolerance * reference.abs().max().item(), name
+
+
 def test_mix_matrices_equal_the_dense_mix_and_its_transpose():
     """The fused mix multiplies by the kernel weights as a sparse matrix, and accumulates the value gradients through
     its transpose, built by sorting the key rows: both act as the dense matrices do, with a key chosen several times
