@@ -9,6 +9,7 @@ D head_dim, E hidden_size, M memory slots.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,28 @@ class DFNCausalLMOutput(CausalLMOutputWithPast):
     positions: tuple[torch.Tensor, ...] | None = None
 
 
+class FlowNormFunction(torch.autograd.Function):
+    """`weight ⊙ x / sqrt(mean(x²) + ε)` over the last axis of `x` `(..., E)`, computed in float32 and cast back to
+    `x`'s dtype before the weight, with a hand-written backward: autograd through the composite formula makes about
+    twice as many passes over the `(B, N, E)` tensors and saves the normalised copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = x.float()
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, scale, weight)
+        return weight * (x32 * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, weight = ctx.saved_tensors
+        normed = x.float() * scale
+        grad_weight = (grad * normed.to(x.dtype)).sum(tuple(range(grad.dim() - 1)))
+        grad_normed = (grad * weight).float()
+        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class DFNFlowNorm(nn.Module):
     """`FlowNorm(x_i) = γ ⊙ x_i / sqrt(mean(x_i²) + ε)`: per entity, never across entities (that would leak)."""
 
@@ -71,10 +94,7 @@ class DFNFlowNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return FlowNormFunction.apply(x, self.weight, self.eps)
 
 
 def make_norm(config) -> nn.Module:
@@ -153,44 +173,128 @@ def kernel_average_reference(queries, features, inv_two_var, indices, valid, pos
     return mixed, log_norm
 
 
+def sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
+    """`torch.sparse_csr_tensor` without its one-time beta warning; no invariant checks (indices are in range by
+    construction)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+def mix_matrix(weights: torch.Tensor, rows: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The kernel mix of `Q` queries as a sparse CSR matrix `(Q, num_keys)`: query row q holds its weights `(Q, K)`
+    at the key rows `rows` `(Q·K,)` it chose. `matrix @ values` mixes without gathering `(Q, K, D)` values."""
+    count, width = weights.shape
+    crow = torch.arange(0, count * width + 1, width, dtype=rows.dtype, device=rows.device)
+    return sparse_csr(crow, rows, weights.reshape(-1), (count, num_keys))
+
+
+def transposed_mix_matrix(weights: torch.Tensor, rows: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """`mix_matrix(weights, rows, num_keys)` transposed, as a CSR matrix `(num_keys, Q)`: key row r holds the weights
+    of the (query, slot) pairs that chose it. Its product with `(Q, D)` query gradients accumulates the value
+    gradients with one sort instead of `index_add_`'s scattered adds of every (query, slot) pair's gradient row."""
+    order = torch.sort(rows).indices
+    crow = rows.new_zeros(num_keys + 1)
+    torch.cumsum(torch.bincount(rows, minlength=num_keys), 0, dtype=rows.dtype, out=crow[1:])
+    values = weights.reshape(-1)[order]
+    queries = order.div_(weights.shape[1], rounding_mode="floor").to(rows.dtype)
+    return sparse_csr(crow, queries, values, (num_keys, weights.shape[0]))
+
+
+def neighbor_geometry(queries, geometry, rows, valid, inv_two_var):
+    """Kernel logits `(B, n, H, K)` of queries `(B, n, H, k)` over the neighbours at `rows` `(B·n·H·K,)` of
+    `geometry` `(B·T·H, k + 1)` (positions, then log-weight), the gaps `q - p` `(B, n, H, K, k)` and the squared
+    distances `(B, n, H, K)`. The same sums in the same order as `kernel_weights`."""
+    pos_dim = queries.shape[-1]
+    near = geometry.index_select(0, rows).view(*valid.shape, pos_dim + 1)
+    gap = queries.unsqueeze(3) - near[..., :pos_dim]
+    dist2 = gap[..., 0].square()
+    for c in range(1, pos_dim):
+        dist2 = dist2 + gap[..., c].square()
+    logits = near[..., pos_dim] - dist2 * inv_two_var.view(1, 1, -1, 1)
+    return logits.masked_fill(~valid, NEG), gap, dist2
+
+
 class NeighborKernelAverage(torch.autograd.Function):
     """`kernel_average_reference` with a hand-written backward: same outputs, same gradients, less work and memory.
 
     Through autograd, every chunk's gather saves its `(B, n, H, K, k + D + 1)` block for the backward, and its
-    backward zero-fills and adds a gradient the size of all keys: O(chunks x T) work per layer. Here the backward
-    gathers each chunk again and accumulates all key gradients into one buffer with `index_add_`.
-    Inputs as `kernel_average_reference`; `indices`, `valid` and `pos_dim` get no gradient."""
+    backward zero-fills and adds a gradient the size of all keys: O(chunks x T) work per layer. Here values are never
+    gathered: each chunk's kernel weights form a sparse matrix whose product with the values mixes them (forward),
+    whose product with the output gradients sampled at its entries gives the weights' gradients, and whose transpose
+    for the whole sequence accumulates the value gradients (backward). Only positions and log-weights, `k + 1` numbers
+    per neighbour, are gathered. Inputs as `kernel_average_reference`; `indices`, `valid` and `pos_dim` get no
+    gradient."""
 
     @staticmethod
     def forward(ctx, queries, features, inv_two_var, indices, valid, pos_dim):
         ctx.save_for_backward(queries, features, inv_two_var, indices, valid)
-        ctx.pos_dim = pos_dim
-        return kernel_average_reference(queries, features, inv_two_var, indices, valid, pos_dim)
+        batch, length, heads, _ = queries.shape
+        flat = features.reshape(-1, features.shape[-1])  # (B·T·H, k + D + 1)
+        geometry, values, index_dtype = _key_geometry(flat, pos_dim), flat[:, pos_dim:-1], _index_dtype(indices, flat)
+        mixed = values.new_empty(batch, length, heads, values.shape[1])
+        log_norm = values.new_empty(batch, length, heads)
+        device = queries.device.type
+        # under autocast the reference's product runs in bf16: round its operands and result as it would (sparse
+        # products have no bf16 kernel), so that both paths agree to the same precision
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else values.dtype
+        values = values.to(low).to(values.dtype)
+        with torch.autocast(device, enabled=False):
+            for part in query_chunks(batch, length):
+                rows = neighbor_rows(features, indices[:, part])
+                logits, _, _ = neighbor_geometry(queries[:, part], geometry, rows, valid[:, part], inv_two_var)
+                weights = torch.softmax(logits, dim=-1).to(low).to(values.dtype)
+                matrix = mix_matrix(weights.view(-1, weights.shape[-1]), rows.to(index_dtype), len(values))
+                mixed[:, part] = (matrix @ values).view(*weights.shape[:-1], -1).to(low)
+                log_norm[:, part] = torch.logsumexp(logits, dim=-1)
+        return mixed, log_norm
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_log_norm):
         queries, features, inv_two_var, indices, valid = ctx.saved_tensors
-        pos_dim, (batch, length, heads, _), width = ctx.pos_dim, queries.shape, features.shape[-1]
+        pos_dim, (batch, length) = queries.shape[-1], queries.shape[:2]
+        flat = features.reshape(-1, features.shape[-1])  # (B·T·H, k + D + 1)
+        geometry, values = _key_geometry(flat, pos_dim), slice(pos_dim, -1)
         grad_queries = torch.zeros_like(queries)
-        grad_features = features.new_zeros(features.shape[0] * features.shape[1] * heads, width)
+        grad_geometry = torch.zeros_like(geometry)
         grad_inv_two_var = torch.zeros_like(inv_two_var)
+        probs = flat.new_empty(indices.shape)  # (B, N, H, K) and the key rows they weigh, for the value gradients
+        all_rows = torch.empty(indices.shape, dtype=_index_dtype(indices, flat), device=indices.device)
         for part in query_chunks(batch, length):
-            near = gather_neighbors(features, indices[:, part])  # (B, n, H, K, F)
-            near_pos, near_val, near_log_w = near.split([pos_dim, width - pos_dim - 1, 1], dim=-1)
-            logits, dist2 = kernel_weights(queries[:, part], near_pos, near_log_w, valid[:, part], inv_two_var)
-            probs = torch.softmax(logits, dim=-1)  # (B, n, H, K)
-            g_mixed = grad_mixed[:, part]  # (B, n, H, D)
-            g_probs = torch.einsum("bnhd,bnhkd->bnhk", g_mixed, near_val)
+            rows = neighbor_rows(features, indices[:, part])  # int64: index_add_ is several times slower with int32
+            logits, gap, dist2 = neighbor_geometry(queries[:, part], geometry, rows, valid[:, part], inv_two_var)
+            weights = torch.softmax(logits, dim=-1)  # (B, n, H, K)
+            probs[:, part], all_rows[:, part] = weights, rows.view_as(weights)
+            # the output gradients padded to whole key rows with zeros: the sampled product reads the key rows as
+            # they are stored instead of a contiguous copy of every value
+            g_mixed = flat.new_zeros(*weights.shape[:-1], flat.shape[1])
+            g_mixed[..., values] = grad_mixed[:, part]
+            matrix = mix_matrix(weights.view(-1, weights.shape[-1]), all_rows[:, part].reshape(-1), len(flat))
+            g_probs = torch.sparse.sampled_addmm(matrix, g_mixed.view(-1, flat.shape[1]), flat.t(), beta=0.0)
+            g_probs = g_probs.values().view_as(weights)
             # softmax and logsumexp backward; masked logits were filled, so they pass no gradient
-            g_logits = probs * (g_probs - (probs * g_probs).sum(-1, keepdim=True) + grad_log_norm[:, part, :, None])
+            g_logits = weights * (g_probs - (weights * g_probs).sum(-1, keepdim=True) + grad_log_norm[:, part, :, None])
             g_logits = g_logits * valid[:, part]
-            g_dist2 = -g_logits * inv_two_var.view(1, 1, -1, 1)
-            g_gap = 2.0 * (queries[:, part].unsqueeze(3) - near_pos) * g_dist2.unsqueeze(-1)  # (B, n, H, K, k)
-            grad_queries[:, part] = g_gap.sum(3)
-            grad_near = torch.cat([-g_gap, probs.unsqueeze(-1) * g_mixed.unsqueeze(3), g_logits.unsqueeze(-1)], -1)
-            grad_features.index_add_(0, neighbor_rows(features, indices[:, part]), grad_near.reshape(-1, width))
+            g_pos = gap * (2.0 * g_logits * inv_two_var.view(1, 1, -1, 1)).unsqueeze(-1)  # (B, n, H, K, k)
+            grad_queries[:, part] = -g_pos.sum(3)
+            grad_geometry.index_add_(0, rows, torch.cat([g_pos, g_logits.unsqueeze(-1)], -1).view(-1, pos_dim + 1))
             grad_inv_two_var -= (g_logits * dist2).sum((0, 1, 3))
+        grad_features = torch.empty_like(flat)
+        transposed = transposed_mix_matrix(probs.view(-1, probs.shape[-1]), all_rows.view(-1), len(flat))
+        grad_features[:, values].addmm_(transposed, grad_mixed.reshape(-1, grad_mixed.shape[-1]), beta=0.0)
+        grad_features[:, :pos_dim], grad_features[:, -1] = grad_geometry[:, :pos_dim], grad_geometry[:, pos_dim]
         return grad_queries, grad_features.view(features.shape), grad_inv_two_var, None, None, None
+
+
+def _key_geometry(flat: torch.Tensor, pos_dim: int) -> torch.Tensor:
+    """Positions and log-weight `(B·T·H, k + 1)` of the packed key rows `flat` `(B·T·H, k + D + 1)`, contiguous: what
+    the kernel weights gather."""
+    return torch.cat([flat[:, :pos_dim], flat[:, -1:]], dim=-1)
+
+
+def _index_dtype(indices: torch.Tensor, flat: torch.Tensor) -> torch.dtype:
+    """int32 for the sparse matrices' indices where every count fits (MKL's sparse kernels take 32-bit indices)."""
+    return torch.int32 if max(indices.numel(), len(flat)) < 2**31 else torch.int64
 
 
 class DFNFlowLayer(GradientCheckpointingLayer):
@@ -315,7 +419,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.config.neighbor_search,
             boxes=cache_layer.boxes if cache_layer is not None else None,
         )
-        mix = kernel_average_reference if self.config.neighbor_search == "reference" else NeighborKernelAverage.apply
+        # without gradients the gather path: it reads only the chosen keys, where the fused one copies every key's
+        # position (O(T) per call: too much for a decoding step)
+        fused = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, features, inv_two_var))
+        fused = fused and self.config.neighbor_search != "reference"
+        mix = NeighborKernelAverage.apply if fused else kernel_average_reference
         return mix(queries, features, inv_two_var, indices, valid, self.pos_dim)
 
     def _memory_params(self) -> dict:

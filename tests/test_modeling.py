@@ -460,7 +460,61 @@ def test_neighbor_kernel_average_passes_gradcheck():
     )
 
 
-def test_reference_and_fused_mixing_give_same_loss_and_grads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flow_norm_backward_equals_autograd(dtype):
+    """FlowNorm's hand-written backward gives autograd's gradients through the composite formula (computed in
+    float32, cast to the input's dtype before the weight)."""
+    import dfn.modeling_dfn as modeling
+
+    generator = torch.Generator().manual_seed(11)
+    x = (3 * torch.randn(2, 5, 8, generator=generator)).to(dtype)
+    weight = (1 + 0.5 * torch.randn(8, generator=generator)).to(dtype)
+    grad = torch.randn(2, 5, 8, generator=generator).to(dtype)
+
+    def composite(x, weight):
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    results = []
+    for norm in (composite, lambda x, w: modeling.FlowNormFunction.apply(x, w, 1e-6)):
+        inputs = [t.clone().requires_grad_() for t in (x, weight)]
+        out = norm(*inputs)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in inputs)])
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    for name, ours, reference in zip(["output", "x", "weight"], *reversed(results), strict=True):
+        assert ours.dtype == reference.dtype, name
+        assert max_diff(ours.float(), reference.float()) <= tolerance * reference.abs().max().item(), name
+
+
+def test_mix_matrices_equal_the_dense_mix_and_its_transpose():
+    """The fused mix multiplies by the kernel weights as a sparse matrix, and accumulates the value gradients through
+    its transpose, built by sorting the key rows: both act as the dense matrices do, with a key chosen several times
+    by one query, keys chosen by several queries, and keys chosen by none."""
+    import dfn.modeling_dfn as modeling
+
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.rand(6, 4, generator=generator)
+    rows = torch.tensor([[2, 2, 0, 5], [5, 1, 1, 1], [0, 2, 7, 7], [7, 0, 5, 2], [1, 1, 1, 1], [2, 5, 0, 7]])
+    dense = torch.zeros(6, 8).index_put_((torch.arange(6).repeat_interleave(4), rows.view(-1)), weights.view(-1), True)
+    values, grads = torch.randn(8, 3, generator=generator), torch.randn(6, 3, generator=generator)
+    rows = rows.view(-1).int()
+    assert max_diff(modeling.mix_matrix(weights, rows, 8) @ values, dense @ values) <= 1e-6
+    assert max_diff(modeling.transposed_mix_matrix(weights, rows, 8) @ grads, dense.t() @ grads) <= 1e-6
+
+
+def test_fused_and_gather_forwards_agree(model):
+    """With gradients the kernel mix runs the fused (sparse product) forward, without them the gather path."""
+    ids = random_ids(2, LENGTH, seed=4)
+    with torch.no_grad():
+        gathered = model(ids, use_cache=False).logits
+    fused = model(ids, use_cache=False).logits
+    assert fused.requires_grad
+    assert max_diff(fused, gathered) <= 1e-5
+
+
+@pytest.mark.parametrize("config_name", ["k3-mem-residual", "k2-queryflow-mem-residual"])
+def test_reference_and_fused_mixing_give_same_loss_and_grads(config_name):
     """A model with neighbor_search="reference" (oracle search, autograd mixing) and the same weights with the default
     (fused mixing) agree on loss and every gradient, on a padded batch."""
     sequences = [random_ids(1, n, seed=n)[0] for n in (LENGTH, 19)]
@@ -468,7 +522,7 @@ def test_reference_and_fused_mixing_give_same_loss_and_grads():
     labels = ids.masked_fill(mask == 0, -100)
     grads = []
     for method in ("reference", "auto"):
-        model = make_model(tiny_config("k3-mem-residual", neighbor_search=method)).train()
+        model = make_model(tiny_config(config_name, neighbor_search=method)).train()
         loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         grads.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
