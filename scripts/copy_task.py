@@ -1,0 +1,238 @@
+"""Can the model copy? The smallest retrieval task: a random string, then the same string again.
+
+Each example is `S` random lowercase letters followed by the same `S` letters. The loss and the accuracy count only
+the copy's bytes after its first (which nothing predicts): a model that retrieves "what followed the earlier
+occurrence of the byte I just read" gets them all right; one that cannot stays at chance (ln 26 = 3.258 nats, 1/26
+accuracy). Passkey retrieval and associative recall (scripts/long_context.py) need exactly this ability.
+
+Models (all trained the same way through `transformers.Trainer`, same seed and data):
+
+* `llama`: a same-size LlamaForCausalLM (sdpa);
+* `dfn`: the default DFN. Its kernel is symmetric: entity i finds entity j where j finds i, so it can find "an
+  entity like me" but not "the entity after one like me";
+* `dfn-query-flow`: `use_query_flow=True`, each entity looks from a moved point `p_i' + α W_q s_i`;
+* `dfn-query-flow-all`: the same with `num_neighbors` = the whole sequence: every earlier entity is a candidate.
+
+    python scripts/copy_task.py --quick                  # seconds; the test suite runs it
+    python scripts/copy_task.py                          # the four models, 300 steps each (~20 min on 1 CPU core)
+
+Writes `<out-dir>/copy_task.json` and `<out-dir>/copy_task.png` (loss curves) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train as train_lib  # noqa: E402  (scripts/train.py)
+
+MODELS = ("llama", "dfn", "dfn-query-flow", "dfn-query-flow-all")
+LETTERS = 26
+FIRST_LETTER = ord("a")
+IGNORE = -100
+
+
+def copy_example(generator: torch.Generator, length: int) -> dict:
+    """`length` random letters twice; labels only on the copy's bytes after its first."""
+    letters = torch.randint(FIRST_LETTER, FIRST_LETTER + LETTERS, (length,), generator=generator)
+    ids = torch.cat([letters, letters])
+    labels = torch.full_like(ids, IGNORE)
+    labels[length + 1 :] = ids[length + 1 :]
+    return {"input_ids": ids, "labels": labels}
+
+
+class CopyStream(IterableDataset):
+    """Endless copy examples from a fixed seed."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed = length, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield copy_example(generator, self.length)
+
+
+def build_model(name: str, args):
+    from transformers import set_seed
+
+    from dfn import DFNConfig, DFNForCausalLM
+    from dfn.baselines import same_size_llama
+
+    base = dict(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        pos_dim=args.pos_dim,
+        num_neighbors=args.num_neighbors,
+        memory_slots=args.memory_slots,
+        memory_chunk_size=args.memory_chunk_size,
+    )
+    variants = {
+        "dfn": {},
+        "dfn-query-flow": {"use_query_flow": True},
+        "dfn-query-flow-all": {"use_query_flow": True, "num_neighbors": 2 * args.string_length},
+    }
+    set_seed(args.seed)
+    if name == "llama":
+        return same_size_llama(DFNConfig(**base), max_position_embeddings=2 * args.string_length)
+    if name not in variants:
+        raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+    return DFNForCausalLM(DFNConfig(**{**base, **variants[name]}))
+
+
+def train_model(model, name: str, args) -> dict:
+    from transformers import TrainingArguments, default_data_collator
+
+    targs = TrainingArguments(
+        output_dir=str(Path(args.out_dir) / "runs" / name),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=max(1, args.steps // 30),
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=args.no_progress,
+    )
+    trainer = train_lib.ByteLMTrainer(  # DFN's geometry parameters get their own learning rate, as in train.py
+        model=model,
+        args=targs,
+        train_dataset=CopyStream(args.string_length, args.seed),
+        data_collator=default_data_collator,
+        geometry_lr_scale=args.geometry_lr_scale,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": time.perf_counter() - start, "loss_curve": curve}
+
+
+@torch.no_grad()
+def evaluate(model, args) -> dict:
+    """Copy loss and accuracy; for DFN also with `--eval-neighbors` neighbours (a model trained with every earlier
+    entity as a candidate, read with only the K nearest: does its learned geometry put the answer among them?)."""
+    result = score(model, args)
+    if getattr(model.config, "model_type", "") == "dfn" and args.eval_neighbors:
+        trained, model.config.num_neighbors = model.config.num_neighbors, args.eval_neighbors
+        sparse = score(model, args)
+        model.config.num_neighbors = trained
+        result.update({f"{name}_k{args.eval_neighbors}": value for name, value in sparse.items()})
+    return result
+
+
+@torch.no_grad()
+def score(model, args) -> dict:
+    """Loss (nats) and accuracy of the argmax over the copy bytes of `--eval-examples` unseen examples."""
+    model.eval()
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    batch = [copy_example(generator, args.string_length) for _ in range(args.eval_examples)]
+    ids = torch.stack([b["input_ids"] for b in batch]).to(model.device)
+    targets = torch.stack([b["labels"] for b in batch])[:, 1:].to(model.device)
+    logits = model(ids).logits[:, :-1].float()
+    scored = targets != IGNORE
+    loss = torch.nn.functional.cross_entropy(logits[scored], targets[scored]).item()
+    accuracy = (logits.argmax(-1)[scored] == targets[scored]).float().mean().item()
+    return {"copy_loss": loss, "copy_accuracy": accuracy}
+
+
+def plot(results: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        steps, losses = zip(*r["loss_curve"], strict=True) if r["loss_curve"] else ((), ())
+        ax.plot(steps, losses, marker=".", label=f"{name} (final {r['copy_loss']:.3f}, acc {r['copy_accuracy']:.2f})")
+    ax.axhline(math.log(LETTERS), color="grey", linestyle=":", label="chance (ln 26)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss on the copy (nats)")
+    ax.set_title(f"Copy task: {args.string_length} random letters, then the same again")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--string-length", type=int, default=48, help="S: letters before the copy")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--geometry-lr-scale", type=float, default=train_lib.TrainConfig.geometry_lr_scale)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--pos-dim", type=int, default=2)
+    p.add_argument("--num-neighbors", type=int, default=16)
+    p.add_argument("--memory-slots", type=int, default=8)
+    p.add_argument("--memory-chunk-size", type=int, default=64)
+    p.add_argument("--eval-examples", type=int, default=256)
+    p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out-dir", default="outputs/copy_task")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.string_length, args.batch_size, args.hidden_size = 4, 8, 4, 32
+        args.num_neighbors, args.memory_slots, args.memory_chunk_size, args.eval_examples = 4, 2, 8, 8
+        args.eval_neighbors = 4
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {train_lib.hardware_string()} torch_threads={torch.get_num_threads()}")
+    print(f"command: {' '.join(sys.argv)}")
+    results = {}
+    for name in args.models.split(","):
+        model = build_model(name, args)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"== {name}: {params:,} parameters, {args.steps} steps", flush=True)
+        results[name] = {"params": params, **train_model(model, name, args), **evaluate(model, args)}
+        with open(out / "copy_task.json", "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    plot(results, out / "copy_task.png", args)
+    print(f"\ncopy task, S = {args.string_length}; chance: loss {math.log(LETTERS):.3f}, accuracy {1 / LETTERS:.3f}")
+    k = args.eval_neighbors
+    print(f"| model | params | copy loss (nats) | copy accuracy | accuracy read with K={k} | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        sparse = f"{r[f'copy_accuracy_k{k}']:.3f}" if f"copy_accuracy_k{k}" in r else ""
+        print(
+            f"| {name} | {r['params']:,} | {r['copy_loss']:.3f} | {r['copy_accuracy']:.3f} | {sparse} "
+            f"| {r['seconds']:.0f} |"
+        )
+    print(f"written: {out}/copy_task.json, copy_task.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""scripts/copy_task.py: the examples are what the task says, only the copy is scored, and --quick writes its report."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("copy_task", REPO / "scripts" / "copy_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_copy_example_repeats_letters_and_scores_only_the_predictable_copy():
+    ct = load_script()
+    ex = ct.copy_example(torch.Generator().manual_seed(0), 10)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert ids.shape == labels.shape == (20,)
+    assert torch.equal(ids[:10], ids[10:])
+    assert bool(((ids >= ord("a")) & (ids <= ord("z"))).all())
+    assert bool((labels[:11] == ct.IGNORE).all()) and torch.equal(labels[11:], ids[11:])
+
+
+def test_quick_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/copy_task.py", "--quick", "--no-progress", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch_threads=" in proc.stdout and "| dfn-query-flow-all |" in proc.stdout
+    report = json.loads((tmp_path / "copy_task.json").read_text())["results"]
+    assert list(report) == ["llama", "dfn", "dfn-query-flow", "dfn-query-flow-all"]
+    assert abs(report["llama"]["params"] - report["dfn"]["params"]) / report["dfn"]["params"] < 0.05
+    for name, result in report.items():
+        assert math.isfinite(result["copy_loss"]) and 0 <= result["copy_accuracy"] <= 1
+        assert len(result["loss_curve"]) == 4
+        assert ("copy_accuracy_k4" in result) == name.startswith("dfn")
+    # the plain DFN trains with K = 4 already: reading it with K = 4 changes nothing
+    assert report["dfn"]["copy_accuracy_k4"] == report["dfn"]["copy_accuracy"]
+    assert (tmp_path / "copy_task.png").stat().st_size > 0
