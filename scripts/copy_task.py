@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -91,36 +90,10 @@ def build_model(name: str, args):
 
 
 def train_model(model, name: str, args) -> dict:
-    from transformers import TrainingArguments, default_data_collator
-
-    targs = TrainingArguments(
-        output_dir=str(Path(args.out_dir) / "runs" / name),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 10),
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        logging_steps=max(1, args.steps // 30),
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.no_progress,
-    )
-    trainer = train_lib.ByteLMTrainer(  # DFN's geometry parameters get their own learning rate, as in train.py
-        model=model,
-        args=targs,
-        train_dataset=CopyStream(args.string_length, args.seed),
-        data_collator=default_data_collator,
-        geometry_lr_scale=args.geometry_lr_scale,
-    )
-    start = time.perf_counter()
-    trainer.train()
-    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": time.perf_counter() - start, "loss_curve": curve}
+    out_dir = str(Path(args.out_dir) / "runs" / name)
+    stream = CopyStream(args.string_length, args.seed)
+    logging_steps = max(1, args.steps // 30)
+    return train_lib.train_on_stream(model, stream, out_dir, args, logging_steps, disable_tqdm=args.no_progress)
 
 
 @torch.no_grad()

@@ -273,44 +273,16 @@ def load_model(name: str, folder: Path):
 
 def train_model(model, name: str, args, filler: Filler) -> dict:
     """Train through `transformers.Trainer` on the on-the-fly task stream; returns timings and the loss curve."""
-    from transformers import TrainingArguments, default_data_collator
-
     lengths = train_lengths(args)
-    targs = TrainingArguments(
-        output_dir=str(Path(args.out_dir) / "runs" / name),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 10),
-        weight_decay=0.01,
-        adam_beta2=0.99,
-        max_grad_norm=1.0,
-        logging_steps=max(1, args.steps // 20),
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
-    )
     stream = TaskStream(filler, lengths, args.batch_size, args, seed=args.seed)
-    trainer = train_lib.ByteLMTrainer(  # geometry parameters get their own learning rate
-        model=model,
-        args=targs,
-        train_dataset=stream,
-        data_collator=default_data_collator,
-        geometry_lr_scale=args.geometry_lr_scale,
+    out_dir = str(Path(args.out_dir) / "runs" / name)
+    run = train_lib.train_on_stream(
+        model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=False
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    model.eval()
+    curve = run["loss_curve"]
     return {
         "steps": args.steps,
-        "seconds": seconds,
+        "seconds": run["seconds"],
         "train_lengths": lengths,
         "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else None,

@@ -512,6 +512,45 @@ def build_training_args(cfg: TrainConfig) -> TrainingArguments:
 # Helpers: output folder, summary, plot
 
 
+def train_on_stream(model, stream, out_dir: str, args, logging_steps: int, **training_args) -> dict:
+    """Train `model` through `ByteLMTrainer` on an endless `IterableDataset` of `{"input_ids", "labels"}` examples,
+    with warmup (10 % of the steps) and cosine decay; `args` gives `steps`, `batch_size`, `lr`, `seed` and
+    `geometry_lr_scale`, `training_args` any other `TrainingArguments` field. Returns the training seconds and the
+    logged loss curve `[(step, loss), ...]`."""
+    from transformers import default_data_collator
+
+    targs = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        **training_args,
+    )
+    trainer = ByteLMTrainer(  # geometry parameters get their own learning rate
+        model=model,
+        args=targs,
+        train_dataset=stream,
+        data_collator=default_data_collator,
+        geometry_lr_scale=args.geometry_lr_scale,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    model.eval()
+    curve = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": seconds, "loss_curve": curve}
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
