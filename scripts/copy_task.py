@@ -64,18 +64,9 @@ class CopyStream(IterableDataset):
 def build_model(name: str, args):
     from transformers import set_seed
 
-    from dfn import DFNConfig, DFNForCausalLM
+    from dfn import DFNForCausalLM
     from dfn.baselines import same_size_llama
 
-    base = dict(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        pos_dim=args.pos_dim,
-        num_neighbors=args.num_neighbors,
-        memory_slots=args.memory_slots,
-        memory_chunk_size=args.memory_chunk_size,
-    )
     variants = {
         "dfn": {},
         "dfn-query-flow": {"use_query_flow": True},
@@ -83,10 +74,10 @@ def build_model(name: str, args):
     }
     set_seed(args.seed)
     if name == "llama":
-        return same_size_llama(DFNConfig(**base), max_position_embeddings=2 * args.string_length)
+        return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=2 * args.string_length)
     if name not in variants:
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
-    return DFNForCausalLM(DFNConfig(**{**base, **variants[name]}))
+    return DFNForCausalLM(train_lib.dfn_config_from_args(args, **variants[name]))
 
 
 def train_model(model, name: str, args) -> dict:
@@ -153,13 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--geometry-lr-scale", type=float, default=train_lib.TrainConfig.geometry_lr_scale)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--pos-dim", type=int, default=2)
-    p.add_argument("--num-neighbors", type=int, default=16)
-    p.add_argument("--memory-slots", type=int, default=8)
-    p.add_argument("--memory-chunk-size", type=int, default=64)
+    train_lib.add_model_size_args(p, layers=2, num_neighbors=16, memory_slots=8)
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")

@@ -222,21 +222,6 @@ class TaskStream(IterableDataset):
 # Models
 
 
-def dfn_config(args, **overrides):
-    from dfn import DFNConfig
-
-    return DFNConfig(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        pos_dim=args.pos_dim,
-        num_neighbors=args.num_neighbors,
-        memory_slots=args.memory_slots,
-        memory_chunk_size=args.memory_chunk_size,
-        **overrides,
-    )
-
-
 def build_model(name: str, args):
     """A fresh model by name; the Llama's MLP width makes its parameter count match the full DFN's."""
     from transformers import set_seed
@@ -246,15 +231,16 @@ def build_model(name: str, args):
 
     set_seed(args.seed)
     if name == "dfn":
-        return DFNForCausalLM(dfn_config(args))
+        return DFNForCausalLM(train_lib.dfn_config_from_args(args))
     if name == "dfn-nomem":
-        return DFNForCausalLM(dfn_config(args, use_memory=False))
+        return DFNForCausalLM(train_lib.dfn_config_from_args(args, use_memory=False))
     if name == "dfn-noflow":
-        return DFNForCausalLM(dfn_config(args, use_flow=False))
+        return DFNForCausalLM(train_lib.dfn_config_from_args(args, use_flow=False))
     if name != "llama":
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
     set_seed(args.seed)
-    return same_size_llama(dfn_config(args), max_position_embeddings=max(max(args.lengths), args.train_length))
+    longest = max(max(args.lengths), args.train_length)
+    return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=longest)
 
 
 def num_params(model) -> int:
@@ -625,13 +611,7 @@ def parse_args(argv=None):
         help="as train.py --geometry_lr_scale",
     )
     p.add_argument("--loss", choices=("answer", "all"), default="answer", help="train on answer bytes or all bytes")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--pos-dim", type=int, default=2)
-    p.add_argument("--num-neighbors", type=int, default=32)
-    p.add_argument("--memory-slots", type=int, default=16)
-    p.add_argument("--memory-chunk-size", type=int, default=64)
+    train_lib.add_model_size_args(p)
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example")
     p.add_argument("--num-queries", type=int, default=4, help="MQAR queries per example")
     p.add_argument("--eval-examples", type=int, default=8, help="examples per (task, length, depth) cell")

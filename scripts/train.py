@@ -512,6 +512,37 @@ def build_training_args(cfg: TrainConfig) -> TrainingArguments:
 # Helpers: output folder, summary, plot
 
 
+def add_model_size_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The DFN size flags the task scripts share; `defaults` maps their `dest` names to default values."""
+    for flag, default in (
+        ("--hidden-size", 128),
+        ("--layers", 4),
+        ("--heads", 4),
+        ("--pos-dim", 2),
+        ("--num-neighbors", 32),
+        ("--memory-slots", 16),
+        ("--memory-chunk-size", 64),
+    ):
+        dest = flag[2:].replace("-", "_")
+        parser.add_argument(flag, type=int, default=defaults.get(dest, default))
+
+
+def dfn_config_from_args(args, **overrides):
+    """A `DFNConfig` from the flags of `add_model_size_args` (and any field in `overrides`)."""
+    from dfn import DFNConfig
+
+    size = dict(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        pos_dim=args.pos_dim,
+        num_neighbors=args.num_neighbors,
+        memory_slots=args.memory_slots,
+        memory_chunk_size=args.memory_chunk_size,
+    )
+    return DFNConfig(**{**size, **overrides})
+
+
 def train_on_stream(model, stream, out_dir: str, args, logging_steps: int, **training_args) -> dict:
     """Train `model` through `ByteLMTrainer` on an endless `IterableDataset` of `{"input_ids", "labels"}` examples,
     with warmup (10 % of the steps) and cosine decay; `args` gives `steps`, `batch_size`, `lr`, `seed` and
