@@ -76,6 +76,7 @@ class FlowNormFunction(torch.autograd.Function):
         return weight * (x32 * scale).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved scale is detached from x: a 2nd derivative would be wrong
     def backward(ctx, grad):
         x, scale, weight = ctx.saved_tensors
         normed = x.float() * scale

@@ -487,6 +487,18 @@ def test_flow_norm_backward_equals_autograd(dtype):
         assert max_diff(ours.float(), reference.float()) <= tolerance * reference.abs().max().item(), name
 
 
+def test_flow_norm_refuses_a_second_derivative():
+    """Its backward is not differentiable (the saved scale is detached from x): asking for a second derivative raises
+    instead of returning a wrong one."""
+    import dfn.modeling_dfn as modeling
+
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    out = modeling.FlowNormFunction.apply(x, torch.ones(8, dtype=torch.float64), 1e-6)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_mix_matrices_equal_the_dense_mix_and_its_transpose():
     """The fused mix multiplies by the kernel weights as a sparse matrix, and accumulates the value gradients through
     its transpose, built by sorting the key rows: both act as the dense matrices do, with a key chosen several times
