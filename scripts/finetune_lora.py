@@ -15,6 +15,7 @@ DFN's adaptable projections (`--target_modules`, default all of them), per flow 
   value_proj      hidden -> hidden            the values W_v s_j mixed over neighbours
   mlp.up_proj     2 x hidden -> mlp hidden    the layer's MLP over [FlowNorm(s), y] (the output path)
   mlp.down_proj   mlp hidden -> hidden
+  query_flow_proj hidden -> heads x pos_dim   where entities search from (only in models with use_query_flow)
 
 Writes to --output_dir: the adapter (`adapter_config.json`, `adapter_model.safetensors`), `lora_summary.json` (val
 loss before/after), the training log/curve of scripts/train.py, and with `--merge` a merged full model in
@@ -37,6 +38,11 @@ import torch  # noqa: E402
 import train as train_lib  # noqa: E402  (scripts/train.py)
 
 DFN_LORA_TARGETS = ["flow_proj", "influence_proj", "value_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def lora_targets(config) -> list[str]:
+    """Every adaptable projection a DFN with this config has."""
+    return DFN_LORA_TARGETS + (["query_flow_proj"] if getattr(config, "use_query_flow", False) else [])
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument("--target_modules", nargs="+", default=DFN_LORA_TARGETS)
+    p.add_argument("--target_modules", nargs="+", default=None, help="default: every adaptable projection")
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_steps", type=int, default=150)
@@ -135,6 +141,7 @@ def main(argv=None) -> dict:
 
     base = load_base(args.base)
     before = block_loss(base, val_ds, args.batch_size)
+    args.target_modules = args.target_modules or lora_targets(base.config)
     model = add_lora(base, lora_config(args.r, args.alpha, args.lora_dropout, args.target_modules))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or not all("lora_" in n for n in trainable):
