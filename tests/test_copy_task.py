@@ -50,3 +50,12 @@ def test_quick_run(tmp_path):
     # the plain DFN trains with K = 4 already: reading it with K = 4 changes nothing
     assert report["dfn"]["copy_accuracy_k4"] == report["dfn"]["copy_accuracy"]
     assert (tmp_path / "copy_task.png").stat().st_size > 0
+
+
+def test_sparse_read_takes_effect_and_restores_the_trained_k():
+    ct = load_script()
+    args = ct.parse_args(["--quick"])
+    model = ct.build_model("dfn-query-flow-all", args)  # every earlier entity a candidate: K = 2 S = 16
+    result = ct.evaluate(model, args)
+    assert model.config.num_neighbors == 2 * args.string_length
+    assert result["copy_loss_k4"] != result["copy_loss"]  # read with the 4 nearest only: another mix
