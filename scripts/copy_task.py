@@ -40,25 +40,28 @@ FIRST_LETTER = ord("a")
 IGNORE = -100
 
 
-def copy_example(generator: torch.Generator, length: int) -> dict:
-    """`length` random letters twice; labels only on the copy's bytes after its first."""
-    letters = torch.randint(FIRST_LETTER, FIRST_LETTER + LETTERS, (length,), generator=generator)
-    ids = torch.cat([letters, letters])
+def copy_example(generator: torch.Generator, length: int, min_length: int | None = None) -> dict:
+    """S random letters twice, S drawn from [`min_length`, `length`] (default: always `length`), then random letters
+    up to `2 * length` bytes; labels only on the copy's bytes after its first. With a fixed S the copy sits at a
+    fixed offset, which position alone can find; a varying S leaves only the content to find it by."""
+    size = length if min_length is None else int(torch.randint(min_length, length + 1, (), generator=generator))
+    letters = torch.randint(FIRST_LETTER, FIRST_LETTER + LETTERS, (2 * length - size,), generator=generator)
+    ids = torch.cat([letters[:size], letters])
     labels = torch.full_like(ids, IGNORE)
-    labels[length + 1 :] = ids[length + 1 :]
+    labels[size + 1 : 2 * size] = ids[size + 1 : 2 * size]
     return {"input_ids": ids, "labels": labels}
 
 
 class CopyStream(IterableDataset):
     """Endless copy examples from a fixed seed."""
 
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed = length, seed
+    def __init__(self, length: int, seed: int, min_length: int | None = None):
+        self.length, self.seed, self.min_length = length, seed, min_length
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
         while True:
-            yield copy_example(generator, self.length)
+            yield copy_example(generator, self.length, self.min_length)
 
 
 def build_model(name: str, args):
@@ -72,17 +75,18 @@ def build_model(name: str, args):
         "dfn-query-flow": {"use_query_flow": True},
         "dfn-query-flow-all": {"use_query_flow": True, "num_neighbors": 2 * args.string_length},
     }
+    overrides = train_lib.parse_model_overrides(args.model)
     set_seed(args.seed)
     if name == "llama":
         return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=2 * args.string_length)
     if name not in variants:
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
-    return DFNForCausalLM(train_lib.dfn_config_from_args(args, **variants[name]))
+    return DFNForCausalLM(train_lib.dfn_config_from_args(args, **{**overrides, **variants[name]}))
 
 
 def train_model(model, name: str, args) -> dict:
     out_dir = str(Path(args.out_dir) / "runs" / name)
-    stream = CopyStream(args.string_length, args.seed)
+    stream = CopyStream(args.string_length, args.seed, args.min_string_length)
     logging_steps = max(1, args.steps // 30)
     return train_lib.train_on_stream(model, stream, out_dir, args, logging_steps, disable_tqdm=args.no_progress)
 
@@ -105,7 +109,7 @@ def score(model, args) -> dict:
     """Loss (nats) and accuracy of the argmax over the copy bytes of `--eval-examples` unseen examples."""
     model.eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
-    batch = [copy_example(generator, args.string_length) for _ in range(args.eval_examples)]
+    batch = [copy_example(generator, args.string_length, args.min_string_length) for _ in range(args.eval_examples)]
     ids = torch.stack([b["input_ids"] for b in batch]).to(model.device)
     targets = torch.stack([b["labels"] for b in batch])[:, 1:].to(model.device)
     logits = model(ids).logits[:, :-1].float()
@@ -113,6 +117,13 @@ def score(model, args) -> dict:
     loss = torch.nn.functional.cross_entropy(logits[scored], targets[scored]).item()
     accuracy = (logits.argmax(-1)[scored] == targets[scored]).float().mean().item()
     return {"copy_loss": loss, "copy_accuracy": accuracy}
+
+
+def string_sizes(args) -> str:
+    """S as the report shows it: `48`, or `24-48` when it varies."""
+    if args.min_string_length is None:
+        return str(args.string_length)
+    return f"{args.min_string_length}-{args.string_length}"
 
 
 def plot(results: dict, path: Path, args) -> None:
@@ -128,7 +139,7 @@ def plot(results: dict, path: Path, args) -> None:
     ax.axhline(math.log(LETTERS), color="grey", linestyle=":", label="chance (ln 26)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss on the copy (nats)")
-    ax.set_title(f"Copy task: {args.string_length} random letters, then the same again")
+    ax.set_title(f"Copy task: {string_sizes(args)} random letters, then the same again")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -140,11 +151,20 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--string-length", type=int, default=48, help="S: letters before the copy")
+    p.add_argument("--string-length", type=int, default=48, help="S: letters before the copy (the longest S)")
+    p.add_argument(
+        "--min-string-length",
+        type=int,
+        default=None,
+        help="draw S per example from [this, --string-length] (default: S fixed), so the copy's offset varies",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--geometry-lr-scale", type=float, default=train_lib.TrainConfig.geometry_lr_scale)
     train_lib.add_model_size_args(p, layers=2, num_neighbors=16, memory_slots=8)
+    p.add_argument(
+        "--model", action="append", default=[], metavar="KEY=VALUE", help="DFN config override (all DFN models)"
+    )
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
@@ -156,6 +176,8 @@ def parse_args(argv=None):
         args.steps, args.string_length, args.batch_size, args.hidden_size = 4, 8, 4, 32
         args.num_neighbors, args.memory_slots, args.memory_chunk_size, args.eval_examples = 4, 2, 8, 8
         args.eval_neighbors = 4
+    if args.min_string_length is not None and not 2 <= args.min_string_length <= args.string_length:
+        p.error(f"--min-string-length must be in [2, --string-length = {args.string_length}]")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
@@ -178,7 +200,7 @@ def main(argv=None) -> dict:
         with open(out / "copy_task.json", "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
     plot(results, out / "copy_task.png", args)
-    print(f"\ncopy task, S = {args.string_length}; chance: loss {math.log(LETTERS):.3f}, accuracy {1 / LETTERS:.3f}")
+    print(f"\ncopy task, S = {string_sizes(args)}; chance: loss {math.log(LETTERS):.3f}, accuracy {1 / LETTERS:.3f}")
     k = args.eval_neighbors
     print(f"| model | params | copy loss (nats) | copy accuracy | accuracy read with K={k} | train s |")
     print("|---|---:|---:|---:|---:|---:|")

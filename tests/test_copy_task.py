@@ -30,6 +30,24 @@ def test_copy_example_repeats_letters_and_scores_only_the_predictable_copy():
     assert bool((labels[:11] == ct.IGNORE).all()) and torch.equal(labels[11:], ids[11:])
 
 
+def test_varying_string_length_moves_the_copy():
+    """With --min-string-length, S varies per example: the copy starts right after the string, whatever its size,
+    only its bytes after the first are scored, and every example keeps the same length (no padding)."""
+    ct = load_script()
+    generator = torch.Generator().manual_seed(0)
+    sizes = set()
+    for _ in range(40):
+        ex = ct.copy_example(generator, 10, min_length=4)
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert ids.shape == (20,)
+        scored = (labels != ct.IGNORE).nonzero().flatten()
+        size = int(scored[0]) - 1  # the copy starts at S; its first byte is unpredictable
+        assert 4 <= size <= 10 and torch.equal(scored, torch.arange(size + 1, 2 * size))
+        assert torch.equal(ids[:size], ids[size : 2 * size]) and torch.equal(labels[scored], ids[scored])
+        sizes.add(size)
+    assert len(sizes) >= 5
+
+
 def test_quick_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/copy_task.py", "--quick", "--no-progress", "--out-dir", str(tmp_path)],
