@@ -18,6 +18,9 @@ Training: `transformers.Trainer` on an on-the-fly `IterableDataset` (fixed seed;
 batch has one length drawn from `--train-length` / 4, / 2, x 1, so no padding is needed). Loss on the answer bytes
 only by default (`--loss answer`: filler bytes carry no task signal and swamp it at this scale); `--loss all` trains
 on every byte. Filler comes from the first 90 % of the text for training and the last 10 % for evaluation.
+`--copy-fraction f` mixes in a warm-up task (a random string twice in filler, the second copy scored: the retrieval
+that passkey and MQAR need, with more scored bytes per example). `--train-neighbors K` trains DFN models with K
+neighbour candidates (the longest training length: every earlier entity) and reads them with `--num-neighbors`.
 
 Evaluation reads every sequence in segments of `--segment` bytes: DFN through a `DFNCache` (exact, or bounded to the
 last `--window` entities plus the field memory), Llama through its KV cache. Every (model, task, length) cell is
@@ -25,9 +28,10 @@ timed; a cell whose predicted time (from the previous length: x ratio for DFN in
 exceeds `--eval-time-cap` is skipped and marked. All models see the same evaluation examples.
 
 Models: `dfn`, `dfn-nomem` (use_memory=False), `dfn-noflow` (use_flow=False) and `llama` (LlamaForCausalLM, sdpa,
-vocab 259, MLP width chosen for the DFN's parameter count), all trained the same way. For memory models a diagnosis
-traces, at the query position, how much kernel mass reaches the needle directly (K nearest) and through the memory
-(an exact tracer run of the memory write/read).
+vocab 259, MLP width chosen for the DFN's parameter count), all trained the same way; `--model KEY=VALUE` changes the
+config of every DFN model (e.g. `use_query_flow=true`; the flow-off ablation keeps no query flow, which needs the
+flow). For memory models a diagnosis traces, at the query position, how much kernel mass reaches the needle directly
+(K nearest to where the query looks from) and through the memory (an exact tracer run of the memory write/read).
 
     python scripts/long_context.py --quick                       # < 1 min; the test suite runs it
     nice -n 10 python scripts/long_context.py --steps 300 --lengths 1024,4096 --models dfn,llama
@@ -70,6 +74,7 @@ KEY_DIGITS = 5
 MQAR_KEY_LETTERS = 4
 MQAR_VALUE_DIGITS = 3
 LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+ALNUM = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789", dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -181,17 +186,33 @@ def make_mqar(rng: np.random.Generator, filler: Filler, length: int, num_pairs: 
     }
 
 
+def make_copy(rng: np.random.Generator, filler: Filler, length: int) -> dict:
+    """Training warm-up: a random string of letters and digits (8 to length / 2 - 2 bytes), twice, at random places
+    in filler. The answer is the second occurrence after its first byte: copying it needs "what followed the earlier
+    occurrence of what I just read" at a distance that varies, which is what passkey and MQAR answers need too."""
+    size = int(rng.integers(8, length // 2 - 1))
+    string = rng.choice(ALNUM, size)
+    text = filler.sample(rng, length - 2 * size)
+    first, second = np.sort(rng.integers(0, len(text) + 1, 2))
+    ids = np.concatenate([text[:first], string, text[first:second], string, text[second:]]).astype(np.int64)
+    start = second + size
+    return {"task": "copy", "input_ids": ids, "answers": [np.arange(start + 1, start + size)]}
+
+
 def make_example(task: str, rng: np.random.Generator, filler: Filler, length: int, args, depth=None) -> dict:
     if task == "passkey":
         return make_passkey(rng, filler, length, depth)
+    if task == "copy":
+        return make_copy(rng, filler, length)
     return make_mqar(rng, filler, length, args.num_pairs, args.num_queries)
 
 
 class TaskStream(IterableDataset):
     """Endless training examples, generated on the fly from a fixed seed.
 
-    Example i is drawn from `default_rng([seed, i])`; each run of `batch_size` consecutive examples shares one length
-    (drawn from `lengths` by `default_rng([seed, -1, i // batch_size])`), so batches need no padding.
+    Example i is drawn from `default_rng([seed, i])`: a copy warm-up example with probability `args.copy_fraction`,
+    else passkey or MQAR with equal odds. Each run of `batch_size` consecutive examples shares one length (drawn from
+    `lengths` by `default_rng([seed, -1, i // batch_size])`), so batches need no padding.
     """
 
     def __init__(self, filler: Filler, lengths: list[int], batch_size: int, args, seed: int):
@@ -200,7 +221,8 @@ class TaskStream(IterableDataset):
     def example(self, i: int) -> dict:
         length = int(np.random.default_rng([self.seed, 1, i // self.batch_size]).choice(self.lengths))
         rng = np.random.default_rng([self.seed, 0, i])
-        task = TASKS[int(rng.integers(0, 2))]
+        copy = self.args.copy_fraction > 0 and rng.uniform() < self.args.copy_fraction
+        task = "copy" if copy else TASKS[int(rng.integers(0, 2))]
         ex = make_example(task, rng, self.filler, length, self.args)
         ids = torch.from_numpy(ex["input_ids"])
         if self.args.loss == "all":
@@ -222,25 +244,27 @@ class TaskStream(IterableDataset):
 # Models
 
 
-def build_model(name: str, args):
-    """A fresh model by name; the Llama's MLP width makes its parameter count match the full DFN's."""
+def build_model(name: str, args, num_neighbors: int | None = None):
+    """A fresh model by name, with the `--model` overrides (the flow-off ablation also drops the query flow, which
+    needs the flow); the Llama's MLP width makes its parameter count match the full DFN's."""
     from transformers import set_seed
 
     from dfn import DFNForCausalLM
     from dfn.baselines import same_size_llama
 
+    overrides = {**getattr(args, "model_overrides", {}), "num_neighbors": num_neighbors or args.num_neighbors}
+    ablation = {
+        "dfn": {},
+        "dfn-nomem": {"use_memory": False},
+        "dfn-noflow": {"use_flow": False, "use_query_flow": False},
+    }
     set_seed(args.seed)
-    if name == "dfn":
-        return DFNForCausalLM(train_lib.dfn_config_from_args(args))
-    if name == "dfn-nomem":
-        return DFNForCausalLM(train_lib.dfn_config_from_args(args, use_memory=False))
-    if name == "dfn-noflow":
-        return DFNForCausalLM(train_lib.dfn_config_from_args(args, use_flow=False))
+    if name in ablation:
+        return DFNForCausalLM(train_lib.dfn_config_from_args(args, **{**overrides, **ablation[name]}))
     if name != "llama":
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
-    set_seed(args.seed)
     longest = max(max(args.lengths), args.train_length)
-    return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=longest)
+    return same_size_llama(train_lib.dfn_config_from_args(args, **overrides), max_position_embeddings=longest)
 
 
 def num_params(model) -> int:
@@ -407,6 +431,9 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.influence_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("w", i), o)))
+        if cfg.use_query_flow:
+            hook = layer.query_flow_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("q", i), o))
+            hooks.append(hook)
     rows = []
     try:
         for j in range(count):
@@ -423,9 +450,13 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                 log_w = torch.nn.functional.logsigmoid(captured[("w", i)].float())  # (1, N, H)
                 inv_two_var = 0.5 * torch.exp(-2.0 * layer.log_kernel_width)
                 valid_all = torch.ones(1, length, dtype=torch.bool)
-                idx, ok = causal_knn(pos[:, q : q + 1], pos[:, : q + 1], valid_all[:, : q + 1], cfg.num_neighbors, q)
+                query = pos[:, q : q + 1]  # (1, 1, H, k): where q looks from
+                if cfg.use_query_flow:
+                    look = captured[("q", i)][:, q : q + 1].float().view(1, 1, heads, cfg.pos_dim)
+                    query = query + layer.flow_alpha.view(1, 1, -1, 1) * look
+                idx, ok = causal_knn(query, pos[:, : q + 1], valid_all[:, : q + 1], cfg.num_neighbors, q)
                 near = pos[0, idx[0, 0], torch.arange(heads).view(-1, 1)]  # (H, K, k)
-                dist2 = squared_distance(pos[0, q].unsqueeze(1), near)
+                dist2 = squared_distance(query[0, 0].unsqueeze(1), near)
                 logits = log_w[0, idx[0, 0], torch.arange(heads).view(-1, 1)] - dist2 * inv_two_var.view(-1, 1)
                 logits = logits.masked_fill(~ok[0, 0], -1e30)
                 soft = torch.softmax(logits, -1)
@@ -611,7 +642,27 @@ def parse_args(argv=None):
         help="as train.py --geometry_lr_scale",
     )
     p.add_argument("--loss", choices=("answer", "all"), default="answer", help="train on answer bytes or all bytes")
+    p.add_argument(
+        "--copy-fraction",
+        type=float,
+        default=0.0,
+        help="share of training examples that are the copy warm-up (a random string twice in filler; see make_copy)",
+    )
     train_lib.add_model_size_args(p)
+    p.add_argument(
+        "--train-neighbors",
+        type=int,
+        default=0,
+        help="DFN models train with this many neighbour candidates and are read with --num-neighbors "
+        "(0 = --num-neighbors; the longest training length = every earlier entity)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DFN config override for every DFN model (e.g. use_query_flow=true, time_scale_min=1e-4), repeatable",
+    )
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example")
     p.add_argument("--num-queries", type=int, default=4, help="MQAR queries per example")
     p.add_argument("--eval-examples", type=int, default=8, help="examples per (task, length, depth) cell")
@@ -650,6 +701,9 @@ def parse_args(argv=None):
         args.memory_slots, args.memory_chunk_size, args.num_pairs, args.num_queries = 4, 16, 4, 2
         args.segment, args.eval_time_cap = 256, 60.0
     args.reuse = args.reuse or args.diagnose_only
+    args.model_overrides = train_lib.parse_model_overrides(args.model)
+    if not 0 <= args.copy_fraction < 1:
+        p.error("--copy-fraction must be in [0, 1)")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.lengths = sorted(int(x) for x in str(args.lengths).split(","))
     args.depths = [float(x) for x in str(args.depths).split(",")]
@@ -686,7 +740,7 @@ def main(argv=None) -> dict:
             train = json.loads((saved / "train.json").read_text())
             print(f"\n== {name}: reusing the model trained in {saved}", flush=True)
         else:
-            model = build_model(name, args)
+            model = build_model(name, args, num_neighbors=args.train_neighbors)
             print(
                 f"\n== {name}: {num_params(model):,} parameters; training {args.steps} steps on lengths "
                 f"{train_lengths(args)}",
@@ -694,6 +748,9 @@ def main(argv=None) -> dict:
             )
             train = train_model(model, name, args, train_filler)
             print(f"{name}: trained in {train['seconds']:.0f} s, final loss {train['final_loss']}", flush=True)
+            if is_dfn(model):  # trained with --train-neighbors candidates, read (and saved) with --num-neighbors
+                train["train_neighbors"] = model.config.num_neighbors
+                model.config.num_neighbors = args.num_neighbors
             if not args.no_save:
                 model.save_pretrained(saved)
                 (saved / "train.json").write_text(json.dumps(train))

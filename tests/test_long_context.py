@@ -91,7 +91,7 @@ def test_mqar_too_short(fillers):
 
 
 def test_stream_deterministic_batches_share_length(fillers):
-    args = Namespace(loss="answer", num_pairs=4, num_queries=2)
+    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.0)
     stream = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
     items = [stream.example(i) for i in range(12)]
     again = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
@@ -104,6 +104,28 @@ def test_stream_deterministic_batches_share_length(fillers):
         assert scored.sum() in (5, 6)  # passkey: 5 digits; mqar: 2 queries x 3 digits
         assert torch.equal(x["labels"][scored], x["input_ids"][scored])
         assert bool(((x["input_ids"][scored] >= ord("0")) & (x["input_ids"][scored] <= ord("9"))).all())
+
+
+@pytest.mark.parametrize("length", [96, 256])
+def test_copy_warmup_exact(fillers, length):
+    """The copy warm-up example holds one random string twice; its labels are the second copy after its first byte."""
+    for seed in range(20):
+        ex = lc.make_copy(np.random.default_rng(seed), fillers[0], length)
+        ids, (answer,) = ex["input_ids"], ex["answers"]
+        assert len(ids) == length
+        size = len(answer) + 1
+        second = ids[answer[0] - 1 : answer[-1] + 1]
+        assert 8 <= size <= length // 2 - 2 and bool(np.isin(second, lc.ALNUM).all())
+        before = bytes(ids[: answer[0] - 1])
+        assert before.count(bytes(second)) == 1  # the first copy, earlier (filler holds no digits)
+
+
+def test_stream_mixes_in_copy_examples(fillers):
+    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.5)
+    stream = lc.TaskStream(fillers[0], [128], batch_size=4, args=args, seed=1)
+    scored = [int((stream.example(i)["labels"] != lc.IGNORE).sum()) for i in range(40)]
+    copies = [n for n in scored if n not in (5, 6)]  # passkey 5 and mqar 6 scored bytes; copy 7-61
+    assert 8 < len(copies) < 32 and all(7 <= n <= 61 for n in copies)
 
 
 @pytest.mark.parametrize("kind", ["dfn", "llama"])
@@ -163,3 +185,24 @@ def test_quick_run(tmp_path):
     for name in report["models"]:
         png = tmp_path / f"heatmap_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_quick_run_dense_training_sparse_reading(tmp_path):
+    """--train-neighbors trains DFN models with more candidates than they are read and saved with; --model overrides
+    reach every DFN model except where the ablation forbids them (no query flow without the flow)."""
+    proc = subprocess.run(
+        [
+            sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path),
+            "--models", "dfn,dfn-noflow", "--copy-fraction", "0.5", "--train-neighbors", "64",
+            "--model", "use_query_flow=true", "--lengths", "256",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "long_context.json").read_text())
+    for name, query_flow in (("dfn", True), ("dfn-noflow", False)):
+        assert report["models"][name]["train"]["train_neighbors"] == 64
+        config = json.loads((tmp_path / "models" / name / "config.json").read_text())
+        assert config["num_neighbors"] == 8 and config["use_query_flow"] is query_flow
+    per_layer = report["diagnosis"]["dfn"]["per_layer"]
+    assert len(per_layer) == 2 and all(0 <= np.mean(row["needle_knn"]) <= 1 for row in per_layer)
