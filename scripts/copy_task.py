@@ -5,6 +5,10 @@ the copy's bytes after its first (which nothing predicts): a model that retrieve
 occurrence of the byte I just read" gets them all right; one that cannot stays at chance (ln 26 = 3.258 nats, 1/26
 accuracy). Passkey retrieval and associative recall (scripts/long_context.py) need exactly this ability.
 
+With a fixed S the copy is always S - 1 bytes back, so position alone can find it (a DFN trained that way scores
+chance at other S; see the README). `--min-string-length` draws S per example and pads with random letters to
+`2 * --string-length` bytes, so that only the content can find the copy.
+
 Models (all trained the same way through `transformers.Trainer`, same seed and data):
 
 * `llama`: a same-size LlamaForCausalLM (sdpa);
@@ -15,6 +19,7 @@ Models (all trained the same way through `transformers.Trainer`, same seed and d
 
     python scripts/copy_task.py --quick                  # seconds; the test suite runs it
     python scripts/copy_task.py                          # the four models, 300 steps each (~20 min on 1 CPU core)
+    python scripts/copy_task.py --min-string-length 24   # S from 24 to 48: copying by content only
 
 Writes `<out-dir>/copy_task.json` and `<out-dir>/copy_task.png` (loss curves) and prints a table.
 """
@@ -94,22 +99,27 @@ def train_model(model, name: str, args) -> dict:
 @torch.no_grad()
 def evaluate(model, args) -> dict:
     """Copy loss and accuracy; for DFN also with `--eval-neighbors` neighbours (a model trained with every earlier
-    entity as a candidate, read with only the K nearest: does its learned geometry put the answer among them?)."""
-    result = score(model, args)
+    entity as a candidate, read with only the K nearest: does its learned geometry put the answer among them?), and
+    with `--eval-min-string-length` on strings of varying length (did it learn the content or the offset?)."""
+    result = score(model, args, args.min_string_length)
     if getattr(model.config, "model_type", "") == "dfn" and args.eval_neighbors:
         trained, model.config.num_neighbors = model.config.num_neighbors, args.eval_neighbors
-        sparse = score(model, args)
+        sparse = score(model, args, args.min_string_length)
         model.config.num_neighbors = trained
         result.update({f"{name}_k{args.eval_neighbors}": value for name, value in sparse.items()})
+    if args.eval_min_string_length is not None:
+        varied = score(model, args, args.eval_min_string_length)
+        result.update({f"{name}_varied": value for name, value in varied.items()})
     return result
 
 
 @torch.no_grad()
-def score(model, args) -> dict:
-    """Loss (nats) and accuracy of the argmax over the copy bytes of `--eval-examples` unseen examples."""
+def score(model, args, min_length: int | None) -> dict:
+    """Loss (nats) and accuracy of the argmax over the copy bytes of `--eval-examples` unseen examples (strings of
+    `--string-length` letters, or from `min_length` to that)."""
     model.eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
-    batch = [copy_example(generator, args.string_length, args.min_string_length) for _ in range(args.eval_examples)]
+    batch = [copy_example(generator, args.string_length, min_length) for _ in range(args.eval_examples)]
     ids = torch.stack([b["input_ids"] for b in batch]).to(model.device)
     targets = torch.stack([b["labels"] for b in batch])[:, 1:].to(model.device)
     logits = model(ids).logits[:, :-1].float()
@@ -167,6 +177,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
+    p.add_argument(
+        "--eval-min-string-length",
+        type=int,
+        default=None,
+        help="also score every model on S drawn from [this, --string-length] (after training on a fixed S: does it "
+        "copy by content or by the fixed offset?)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on a shared 2-core machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -176,8 +193,10 @@ def parse_args(argv=None):
         args.steps, args.string_length, args.batch_size, args.hidden_size = 4, 8, 4, 32
         args.num_neighbors, args.memory_slots, args.memory_chunk_size, args.eval_examples = 4, 2, 8, 8
         args.eval_neighbors = 4
-    if args.min_string_length is not None and not 2 <= args.min_string_length <= args.string_length:
-        p.error(f"--min-string-length must be in [2, --string-length = {args.string_length}]")
+    for flag in ("min_string_length", "eval_min_string_length"):
+        value = getattr(args, flag)
+        if value is not None and not 2 <= value <= args.string_length:
+            p.error(f"--{flag.replace('_', '-')} must be in [2, --string-length = {args.string_length}]")
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
@@ -201,13 +220,16 @@ def main(argv=None) -> dict:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
     plot(results, out / "copy_task.png", args)
     print(f"\ncopy task, S = {string_sizes(args)}; chance: loss {math.log(LETTERS):.3f}, accuracy {1 / LETTERS:.3f}")
-    k = args.eval_neighbors
-    print(f"| model | params | copy loss (nats) | copy accuracy | accuracy read with K={k} | train s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    k, varied = args.eval_neighbors, args.eval_min_string_length
+    print(
+        f"| model | params | copy loss (nats) | copy accuracy | accuracy read with K={k} "
+        f"| accuracy at S = {varied}-{args.string_length} | train s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        sparse = f"{r[f'copy_accuracy_k{k}']:.3f}" if f"copy_accuracy_k{k}" in r else ""
+        sparse, other = (f"{r[key]:.3f}" if key in r else "" for key in (f"copy_accuracy_k{k}", "copy_accuracy_varied"))
         print(
-            f"| {name} | {r['params']:,} | {r['copy_loss']:.3f} | {r['copy_accuracy']:.3f} | {sparse} "
+            f"| {name} | {r['params']:,} | {r['copy_loss']:.3f} | {r['copy_accuracy']:.3f} | {sparse} | {other} "
             f"| {r['seconds']:.0f} |"
         )
     print(f"written: {out}/copy_task.json, copy_task.png")

@@ -77,3 +77,14 @@ def test_sparse_read_takes_effect_and_restores_the_trained_k():
     result = ct.evaluate(model, args)
     assert model.config.num_neighbors == 2 * args.string_length
     assert result["copy_loss_k4"] != result["copy_loss"]  # read with the 4 nearest only: another mix
+
+
+def test_varied_read_scores_strings_of_other_lengths():
+    """--eval-min-string-length scores the trained model on varying S as well (fixed-offset solutions fail there)."""
+    ct = load_script()
+    args = ct.parse_args(["--quick", "--eval-min-string-length", "3"])
+    model = ct.build_model("llama", args)
+    result = ct.evaluate(model, args)
+    assert result["copy_loss_varied"] == ct.score(model, args, 3)["copy_loss"]
+    assert result["copy_loss_varied"] != result["copy_loss"]  # other strings at other offsets
+    assert ct.score(model, args, None)["copy_loss"] == result["copy_loss"]
