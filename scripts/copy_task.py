@@ -80,13 +80,12 @@ def build_model(name: str, args):
         "dfn-query-flow": {"use_query_flow": True},
         "dfn-query-flow-all": {"use_query_flow": True, "num_neighbors": 2 * args.string_length},
     }
-    overrides = train_lib.parse_model_overrides(args.model)
     set_seed(args.seed)
     if name == "llama":
         return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=2 * args.string_length)
     if name not in variants:
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
-    return DFNForCausalLM(train_lib.dfn_config_from_args(args, **{**overrides, **variants[name]}))
+    return DFNForCausalLM(train_lib.dfn_config_from_args(args, **variants[name]))
 
 
 def train_model(model, name: str, args) -> dict:
@@ -172,9 +171,6 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--geometry-lr-scale", type=float, default=train_lib.TrainConfig.geometry_lr_scale)
     train_lib.add_model_size_args(p, layers=2, num_neighbors=16, memory_slots=8)
-    p.add_argument(
-        "--model", action="append", default=[], metavar="KEY=VALUE", help="DFN config override (all DFN models)"
-    )
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
     p.add_argument(

@@ -252,7 +252,7 @@ def build_model(name: str, args, num_neighbors: int | None = None):
     from dfn import DFNForCausalLM
     from dfn.baselines import same_size_llama
 
-    overrides = {**getattr(args, "model_overrides", {}), "num_neighbors": num_neighbors or args.num_neighbors}
+    candidates = {"num_neighbors": num_neighbors} if num_neighbors else {}
     ablation = {
         "dfn": {},
         "dfn-nomem": {"use_memory": False},
@@ -260,11 +260,11 @@ def build_model(name: str, args, num_neighbors: int | None = None):
     }
     set_seed(args.seed)
     if name in ablation:
-        return DFNForCausalLM(train_lib.dfn_config_from_args(args, **{**overrides, **ablation[name]}))
+        return DFNForCausalLM(train_lib.dfn_config_from_args(args, **candidates, **ablation[name]))
     if name != "llama":
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
     longest = max(max(args.lengths), args.train_length)
-    return same_size_llama(train_lib.dfn_config_from_args(args, **overrides), max_position_embeddings=longest)
+    return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=longest)
 
 
 def num_params(model) -> int:
@@ -656,13 +656,6 @@ def parse_args(argv=None):
         help="DFN models train with this many neighbour candidates and are read with --num-neighbors "
         "(0 = --num-neighbors; the longest training length = every earlier entity)",
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="DFN config override for every DFN model (e.g. use_query_flow=true, time_scale_min=1e-4), repeatable",
-    )
     p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example")
     p.add_argument("--num-queries", type=int, default=4, help="MQAR queries per example")
     p.add_argument("--eval-examples", type=int, default=8, help="examples per (task, length, depth) cell")
@@ -701,7 +694,6 @@ def parse_args(argv=None):
         args.memory_slots, args.memory_chunk_size, args.num_pairs, args.num_queries = 4, 16, 4, 2
         args.segment, args.eval_time_cap = 256, 60.0
     args.reuse = args.reuse or args.diagnose_only
-    args.model_overrides = train_lib.parse_model_overrides(args.model)
     if not 0 <= args.copy_fraction < 1:
         p.error("--copy-fraction must be in [0, 1)")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -513,7 +513,8 @@ def build_training_args(cfg: TrainConfig) -> TrainingArguments:
 
 
 def add_model_size_args(parser: argparse.ArgumentParser, **defaults) -> None:
-    """The DFN size flags the task scripts share; `defaults` maps their `dest` names to default values."""
+    """The DFN size flags the task scripts share (and `--model KEY=VALUE` for any other config field); `defaults` maps
+    their `dest` names to default values."""
     for flag, default in (
         ("--hidden-size", 128),
         ("--layers", 4),
@@ -525,10 +526,18 @@ def add_model_size_args(parser: argparse.ArgumentParser, **defaults) -> None:
     ):
         dest = flag[2:].replace("-", "_")
         parser.add_argument(flag, type=int, default=defaults.get(dest, default))
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DFN config override (e.g. use_query_flow=true, time_scale_min=1e-4), repeatable",
+    )
 
 
 def dfn_config_from_args(args, **overrides):
-    """A `DFNConfig` from the flags of `add_model_size_args` (and any field in `overrides`)."""
+    """A `DFNConfig` from the flags of `add_model_size_args`: the size flags, then `--model` overrides, then any field
+    in `overrides`."""
     from dfn import DFNConfig
 
     size = dict(
@@ -540,7 +549,7 @@ def dfn_config_from_args(args, **overrides):
         memory_slots=args.memory_slots,
         memory_chunk_size=args.memory_chunk_size,
     )
-    return DFNConfig(**{**size, **overrides})
+    return DFNConfig(**{**size, **parse_model_overrides(args.model), **overrides})
 
 
 def train_on_stream(model, stream, out_dir: str, args, logging_steps: int, **training_args) -> dict:

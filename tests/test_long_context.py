@@ -133,7 +133,7 @@ def test_teacher_forced_score_matches_greedy(kind, fillers):
     """Streaming in segments, the argmax scored at each answer position is the greedy continuation."""
     args = Namespace(
         hidden_size=32, layers=2, heads=2, pos_dim=2, num_neighbors=4, memory_slots=3, memory_chunk_size=8,
-        seed=0, lengths=[256], train_length=256, segment=37, window=0,
+        model=[], seed=0, lengths=[256], train_length=256, segment=37, window=0,
     )  # fmt: skip
     model = lc.build_model(kind, args).eval()
     torch.manual_seed(0)
