@@ -66,7 +66,7 @@ def memory_read(query_pos: torch.Tensor, slot_pos: torch.Tensor, slot_val: torch
     (..., H, M, D)` -> values `(..., C, H, D)` and log-normaliser `(..., C, H)`."""
     dist2 = squared_distance(query_pos.unsqueeze(-2), slot_pos.unsqueeze(-4))  # (..., C, H, M)
     logits = params["slot_log_weight"] - dist2 * params["inv_two_var"].unsqueeze(-1)
-    out = torch.einsum("...chm,...hmd->...chd", torch.softmax(logits, dim=-1), slot_val)
+    out = torch.matmul(torch.softmax(logits, dim=-1).transpose(-2, -3), slot_val).transpose(-2, -3)
     return out, torch.logsumexp(logits, dim=-1)
 
 

@@ -396,18 +396,26 @@ def causal_knn_scan(
     batch, num_queries, heads, dim = query_pos.shape
     num_keys = query_offset + num_queries
     width = min(num_neighbors, num_keys)
+    device = query_pos.device
     with torch.no_grad():
-        query = query_pos.float().permute(0, 2, 1, 3).unsqueeze(3)  # (B, H, N, 1, k)
-        keys = key_pos[:, :num_keys].float().permute(0, 2, 1, 3).unsqueeze(2)  # (B, H, 1, T, k)
-        dist = _sq_dist([query[..., c] for c in range(dim)], [keys[..., c] for c in range(dim)])  # (B, H, N, T)
-        index = torch.arange(num_keys, device=query_pos.device)
-        own = torch.arange(num_queries, device=query_pos.device) + query_offset
-        ok = (index.view(1, -1) <= own.view(-1, 1)).view(1, 1, num_queries, num_keys)
-        ok = ok & key_valid[:, :num_keys].view(batch, 1, 1, num_keys)
-        best = torch.topk(_sort_keys(dist, _LOW32 - index, ok), width, dim=-1, largest=False).values
+        query = query_pos.float().transpose(1, 2)  # (B, H, N, k)
+        keys = key_pos[:, :num_keys].float().transpose(1, 2)  # (B, H, T, k)
+        # each coordinate copied contiguous: the result then is too (it follows its inputs' layout, and every
+        # later pass over a (B, H, N, T) result laid out like the cache's strides is several times slower)
+        coords = [keys[..., c].contiguous().unsqueeze(2) for c in range(dim)]  # (B, H, 1, T) each
+        dist = _sq_dist([query[..., c, None] for c in range(dim)], coords)
+        rev_index = torch.arange(_LOW32, _LOW32 - num_keys, -1, device=device)  # _LOW32 - index
+        key = (dist.view(torch.int32).long() << 32).bitwise_or_(rev_index)  # (B, H, N, T), as `_sort_keys`
+        if num_queries > 1:  # query i may not see the later new entities (for one query every key is earlier)
+            later = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).triu_(1)
+            key[..., query_offset:].masked_fill_(later, _NO_KEY)
+        key_ok = key_valid[:, :num_keys]
+        if not bool(key_ok.all()):
+            key.masked_fill_(~key_ok.view(batch, 1, 1, num_keys), _NO_KEY)
+        best = torch.topk(key, width, dim=-1, largest=False).values
         valid = best != _NO_KEY
-        chosen = (_LOW32 - (best & _LOW32)).masked_fill(~valid, 0)
-    return chosen.permute(0, 2, 1, 3), valid.permute(0, 2, 1, 3)
+        chosen = (_LOW32 - (best & _LOW32)).masked_fill_(~valid, 0)
+    return chosen.transpose(1, 2), valid.transpose(1, 2)
 
 
 DECODE_BLOCK = 64  # entities per block of the decoding search structure kept in the cache

@@ -487,6 +487,35 @@ def test_flow_norm_backward_equals_autograd(dtype):
         assert max_diff(ours.float(), reference.float()) <= tolerance * reference.abs().max().item(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flow_norm_without_gradients_equals_the_autograd_function(dtype):
+    """Without gradients FlowNorm runs as one fused `rms_norm` (the decoding path): the same values as the autograd
+    Function that training runs."""
+    import dfn.modeling_dfn as modeling
+
+    generator = torch.Generator().manual_seed(12)
+    norm = modeling.DFNFlowNorm(8, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(8, generator=generator))
+        x = (3 * torch.randn(2, 5, 8, generator=generator)).to(dtype)
+        fused = norm(x)
+    reference = modeling.FlowNormFunction.apply(x, norm.weight, 1e-6)
+    assert fused.dtype == reference.dtype == dtype
+    assert max_diff(fused.float(), reference.float()) <= (1e-6 if dtype == torch.float32 else 1e-2) * 3
+
+
+def test_kernel_average_of_one_chunk_equals_the_chunked_one(monkeypatch):
+    """Inputs that fit one chunk (a decoding step) skip the whole-sequence outputs; the values are those of the
+    same inputs mixed query by query."""
+    import dfn.modeling_dfn as modeling
+
+    inputs = neighbor_mix_inputs()
+    whole = modeling.kernel_average_reference(*inputs)
+    monkeypatch.setattr(modeling, "NEIGHBOR_CHUNK", 1)
+    for ours, reference in zip(whole, modeling.kernel_average_reference(*inputs), strict=True):
+        assert max_diff(ours, reference) <= 1e-6
+
+
 def test_flow_norm_refuses_a_second_derivative():
     """Its backward is not differentiable (the saved scale is detached from x): asking for a second derivative raises
     instead of returning a wrong one."""
