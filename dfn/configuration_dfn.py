@@ -4,6 +4,7 @@ from transformers import PreTrainedConfig
 
 LAYER_VARIANTS = ("residual", "seed")
 NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
+MLP_TYPES = ("swiglu", "gelu")
 # written into every saved config so that the Auto classes find the remote code of a checkpoint folder
 AUTO_MAP = {
     "AutoConfig": "configuration_dfn.DFNConfig",
@@ -33,7 +34,12 @@ class DFNConfig(PreTrainedConfig):
             spaced geometrically across heads (large = local head, small = near-global head).
         memory_slots (`int`, defaults to 16): M field-memory slots per layer and head.
         memory_chunk_size (`int`, defaults to 64): C, the memory is written once per absolute chunk of C entities.
-        mlp_ratio (`float`, defaults to 4.0): MLP hidden width as a multiple of `hidden_size`.
+        mlp_ratio (`float`, defaults to 4.0): MLP size: the "gelu" MLP's hidden width as a multiple of `hidden_size`;
+            the "swiglu" MLP has about the same number of weights (hidden width `0.6 * mlp_ratio * hidden_size`,
+            rounded to a multiple of 32).
+        mlp_type (`str`, defaults to "swiglu"): the layer's MLP over `[FlowNorm(s), y]`: "swiglu" (gated,
+            `down(silu(gate(u)) * up(u))`, no biases) or "gelu" (`down(gelu(up(u)))`, the MLP of checkpoints saved
+            before this field existed; their configs load as "gelu").
         dropout (`float`, defaults to 0.0): dropout on the mixed values and the MLP output.
         use_flow (`bool`): move positions by the flow (False: α = 0, time-only positions).
         use_query_flow (`bool`, defaults to False): each entity looks for its neighbours from `p_i' + α W_q s_i`
@@ -67,6 +73,7 @@ class DFNConfig(PreTrainedConfig):
         memory_slots: int = 16,
         memory_chunk_size: int = 64,
         mlp_ratio: float = 4.0,
+        mlp_type: str = "swiglu",
         dropout: float = 0.0,
         use_flow: bool = True,
         use_query_flow: bool = False,
@@ -96,6 +103,7 @@ class DFNConfig(PreTrainedConfig):
         self.memory_slots = memory_slots
         self.memory_chunk_size = memory_chunk_size
         self.mlp_ratio = mlp_ratio
+        self.mlp_type = mlp_type
         self.dropout = dropout
         self.use_flow = use_flow
         self.use_query_flow = use_query_flow
@@ -113,6 +121,14 @@ class DFNConfig(PreTrainedConfig):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate_dfn()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; a saved config without `mlp_type` predates the SwiGLU default and
+        describes a GELU MLP, so it loads as one (its weights have no `gate_proj`)."""
+        if "mlp_type" not in config_dict and "mlp_type" not in kwargs:
+            config_dict = {**config_dict, "mlp_type": "gelu"}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -175,6 +191,8 @@ class DFNConfig(PreTrainedConfig):
             raise ValueError("DFNConfig.use_query_flow needs use_flow=True (the query flow shares the flow's step α)")
         if self.layer_variant not in LAYER_VARIANTS:
             raise ValueError(f"DFNConfig.layer_variant must be one of {LAYER_VARIANTS}, got {self.layer_variant!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"DFNConfig.mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if self.neighbor_search not in NEIGHBOR_SEARCHES:
             raise ValueError(
                 f"DFNConfig.neighbor_search must be one of {NEIGHBOR_SEARCHES}, got {self.neighbor_search!r}"

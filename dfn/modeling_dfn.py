@@ -107,19 +107,36 @@ def make_norm(config) -> nn.Module:
 
 
 class DFNMLP(nn.Module):
-    """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`, applied in sequence chunks of `QUERY_CHUNK` entities so that the
-    `(B, N, mlp_ratio * E)` intermediate never exists whole at long lengths."""
+    """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`, either gated (`mlp_type="swiglu"`: `down(silu(gate(u)) ⊙ up(u))`)
+    or `down(gelu(up(u)))` (`"gelu"`), with the same number of weights. Applied in sequence chunks of `QUERY_CHUNK`
+    entities so that the `(B, N, inner)` intermediate never exists whole at long lengths."""
 
     def __init__(self, config):
         super().__init__()
-        inner = int(config.mlp_ratio * config.hidden_size)
-        self.up_proj = nn.Linear(2 * config.hidden_size, inner)
-        self.down_proj = nn.Linear(inner, config.hidden_size)
+        width = 2 * config.hidden_size
+        if config.mlp_type == "swiglu":
+            # 2 x (2E x inner) + inner x E weights ~ the GELU MLP's 2E x rE + rE x E (r = mlp_ratio) at inner = 0.6 rE,
+            # rounded to a multiple of 32 floats: every row of the (B, N, inner) activations then takes the same
+            # vectorised path through silu (a scalar tail rounds differently, and identical rows would differ)
+            inner = 32 * max(1, round(0.6 * config.mlp_ratio * config.hidden_size / 32))
+            self.gate_proj = nn.Linear(width, inner, bias=False)
+            self.up_proj = nn.Linear(width, inner, bias=False)
+            self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        else:
+            inner = int(config.mlp_ratio * config.hidden_size)
+            self.gate_proj = None
+            self.up_proj = nn.Linear(width, inner)
+            self.down_proj = nn.Linear(inner, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = [self.down_proj(F.gelu(self.up_proj(part))) for part in x.split(QUERY_CHUNK, dim=1)]
+        chunks = [self._inner(part) for part in x.split(QUERY_CHUNK, dim=1)]
         return self.dropout(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
+
+    def _inner(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def neighbor_rows(keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

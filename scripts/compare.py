@@ -13,8 +13,9 @@ wall-clock seconds), and a Markdown table with the command, hardware, commit and
 
 Variants: dfn (full), llama (LlamaForCausalLM, intermediate size chosen to match DFN's parameter count), no_flow
 (use_flow=False: time-only positions), no_memory (use_memory=False), no_flownorm (use_flownorm=False), seed_layer
-(layer_variant="seed"), eight_heads (8 position heads; Llama keeps the preset's attention heads). Ablations run at the
-first context; other contexts run dfn, no_flow and llama.
+(layer_variant="seed"), eight_heads (8 position heads; Llama keeps the preset's attention heads), gelu_mlp
+(mlp_type="gelu": the ungated MLP DFN had before SwiGLU, same weight count). Ablations run at the first context; other
+contexts run dfn, no_flow and llama.
 Outputs in --output_dir (default outputs/compare/<preset>): results.json, results.md, compare.png, one folder per run.
 """
 
@@ -48,8 +49,9 @@ ABLATIONS = {
     "no_flownorm": {"use_flownorm": False},
     "seed_layer": {"layer_variant": "seed"},
     "eight_heads": {"num_attention_heads": 8},
+    "gelu_mlp": {"mlp_type": "gelu"},
 }
-ALL_VARIANTS = ["dfn", "llama", "no_flow", "no_memory", "no_flownorm", "seed_layer", "eight_heads"]
+ALL_VARIANTS = ["dfn", "llama", "no_flow", "no_memory", "no_flownorm", "seed_layer", "eight_heads", "gelu_mlp"]
 # the runs the targets compare: they also run at later contexts and with extra seeds
 TARGET_VARIANTS = ["dfn", "no_flow", "llama"]
 

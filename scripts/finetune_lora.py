@@ -14,6 +14,7 @@ DFN's adaptable projections (`--target_modules`, default all of them), per flow 
   influence_proj  hidden -> heads             the influence weights w_i
   value_proj      hidden -> hidden            the values W_v s_j mixed over neighbours
   mlp.up_proj     2 x hidden -> mlp hidden    the layer's MLP over [FlowNorm(s), y] (the output path)
+  mlp.gate_proj   2 x hidden -> mlp hidden    its gate (only in models with mlp_type="swiglu", the default)
   mlp.down_proj   mlp hidden -> hidden
   query_flow_proj hidden -> heads x pos_dim   where entities search from (only in models with use_query_flow)
 
@@ -42,7 +43,8 @@ DFN_LORA_TARGETS = ["flow_proj", "influence_proj", "value_proj", "mlp.up_proj", 
 
 def lora_targets(config) -> list[str]:
     """Every adaptable projection a DFN with this config has."""
-    return DFN_LORA_TARGETS + (["query_flow_proj"] if getattr(config, "use_query_flow", False) else [])
+    gate = ["mlp.gate_proj"] if getattr(config, "mlp_type", "gelu") == "swiglu" else []
+    return DFN_LORA_TARGETS + gate + (["query_flow_proj"] if getattr(config, "use_query_flow", False) else [])
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):

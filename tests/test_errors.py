@@ -139,6 +139,7 @@ CONFIG_ERRORS = [
     ("kernel_width_init", 0.0, r"DFNConfig.kernel_width_init must be a number > 0"),
     ("kernel_width_init", float("nan"), r"DFNConfig.kernel_width_init must be a number > 0"),
     ("mlp_ratio", -1.0, r"DFNConfig.mlp_ratio must be a number > 0"),
+    ("mlp_type", "relu", r"DFNConfig.mlp_type must be one of \('swiglu', 'gelu'\), got 'relu'"),
     ("initializer_range", 0, r"DFNConfig.initializer_range must be a number > 0"),
     ("flownorm_eps", 0.0, r"DFNConfig.flownorm_eps must be a number > 0"),
     ("time_scale_min", 2.0, r"DFNConfig.time_scale_min \(2.0\) must be <= time_scale_max"),

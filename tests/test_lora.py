@@ -70,17 +70,22 @@ def test_lora_wraps_every_dfn_projection_and_trains_only_adapters(base):
     assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) < frozen / 3
 
 
-def test_default_targets_include_the_query_flow_when_the_model_has_one():
+def test_default_targets_follow_the_model_query_flow_and_mlp_gate():
+    """The default targets are every projection the model has: the query flow only when on, the MLP gate only in a
+    SwiGLU MLP (the default); a GELU model gets exactly the base list."""
     from dfn import DFNConfig, DFNForCausalLM
 
     config = DFNConfig(**TINY_MODEL, use_query_flow=True)
     targets = finetune_lora.lora_targets(config)
-    assert targets == [*finetune_lora.DFN_LORA_TARGETS, "query_flow_proj"]
-    assert finetune_lora.lora_targets(DFNConfig(**TINY_MODEL)) == finetune_lora.DFN_LORA_TARGETS
+    assert targets == [*finetune_lora.DFN_LORA_TARGETS, "mlp.gate_proj", "query_flow_proj"]
+    assert finetune_lora.lora_targets(DFNConfig(**TINY_MODEL)) == [*finetune_lora.DFN_LORA_TARGETS, "mlp.gate_proj"]
+    gelu = DFNConfig(**TINY_MODEL, mlp_type="gelu")
+    assert finetune_lora.lora_targets(gelu) == finetune_lora.DFN_LORA_TARGETS
     model = finetune_lora.add_lora(DFNForCausalLM(config), finetune_lora.lora_config(r=4, target_modules=targets))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     for layer in range(TINY_MODEL["num_hidden_layers"]):
-        assert any(f"model.layers.{layer}.query_flow_proj.lora_" in n for n in trainable)
+        for target in ("query_flow_proj", "mlp.gate_proj"):
+            assert any(f"model.layers.{layer}.{target}.lora_" in n for n in trainable), target
 
 
 FRESH = textwrap.dedent(

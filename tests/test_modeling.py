@@ -166,6 +166,40 @@ def test_save_load_round_trip(model, config, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_checkpoint_saved_before_mlp_type_loads_its_gelu_mlp(tmp_path):
+    """A config.json without `mlp_type` (saved before the SwiGLU default) describes a GELU MLP and loads as one, with
+    its weights and logits; a config saved now keeps its SwiGLU MLP."""
+    import json
+
+    old = make_model(tiny_config(mlp_type="gelu"))
+    old.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["mlp_type"]
+    path.write_text(json.dumps(saved))
+    loaded = DFNForCausalLM.from_pretrained(tmp_path / "old")
+    assert loaded.config.mlp_type == "gelu" and loaded.model.layers[0].mlp.gate_proj is None
+    ids = random_ids(2, LENGTH, seed=9)
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, loaded(ids).logits)
+    tiny_config().save_pretrained(tmp_path / "new")
+    assert DFNConfig.from_pretrained(tmp_path / "new").mlp_type == "swiglu"
+
+
+def test_mlp_types_have_about_the_same_weights():
+    """The SwiGLU MLP (the default) and the GELU MLP have the same weight count to within 5 %, so the comparison's
+    `gelu_mlp` ablation changes the MLP's form, not its size."""
+    from dfn.modeling_dfn import DFNMLP
+
+    config = DFNConfig(hidden_size=128, num_attention_heads=4)
+    counts = {
+        kind: sum(p.numel() for p in DFNMLP(DFNConfig(**{**config.to_dict(), "mlp_type": kind})).parameters())
+        for kind in ("swiglu", "gelu")
+    }
+    assert config.mlp_type == "swiglu"
+    assert abs(counts["swiglu"] / counts["gelu"] - 1) < 0.05, counts
+
+
 def test_auto_classes_load_in_process(tmp_path):
     model = make_model(tiny_config())
     model.save_pretrained(tmp_path)
@@ -413,7 +447,8 @@ def test_chunked_mixing_and_mlp_give_same_loss_and_grads(monkeypatch, neighbor_c
     out_chunked.loss.backward()
     chunked_params = dict(chunked.named_parameters())
     for name, param in model.named_parameters():
-        assert max_diff(param.grad, chunked_params[name].grad) <= 1e-6, name
+        # float32 products summed in another order (e.g. the embedding gradient, which collects every entity's)
+        assert max_diff(param.grad, chunked_params[name].grad) <= 5e-6, name
 
 
 def neighbor_mix_inputs(dtype=torch.float32, batch=2, length=9, keys=13, heads=2, pos_dim=2, head_dim=3, width=4):
