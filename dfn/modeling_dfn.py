@@ -108,8 +108,8 @@ def make_norm(config) -> nn.Module:
 
 class DFNMLP(nn.Module):
     """`MLP([a, b])`: `(B, N, 2E)` -> `(B, N, E)`, either gated (`mlp_type="swiglu"`: `down(silu(gate(u)) ⊙ up(u))`)
-    or `down(gelu(up(u)))` (`"gelu"`), with the same number of weights. Applied in sequence chunks of `QUERY_CHUNK`
-    entities so that the `(B, N, inner)` intermediate never exists whole at long lengths."""
+    or `down(gelu(up(u)))` (`"gelu"`), with about the same number of weights. Applied in sequence chunks of
+    `QUERY_CHUNK` entities so that the `(B, N, inner)` intermediate never exists whole at long lengths."""
 
     def __init__(self, config):
         super().__init__()

@@ -405,13 +405,10 @@ def causal_knn_scan(
         coords = [keys[..., c].contiguous().unsqueeze(2) for c in range(dim)]  # (B, H, 1, T) each
         dist = _sq_dist([query[..., c, None] for c in range(dim)], coords)
         rev_index = torch.arange(_LOW32, _LOW32 - num_keys, -1, device=device)  # _LOW32 - index
-        key = (dist.view(torch.int32).long() << 32).bitwise_or_(rev_index)  # (B, H, N, T), as `_sort_keys`
+        key = _sort_keys(dist, rev_index, key_valid[:, :num_keys].view(batch, 1, 1, num_keys))  # (B, H, N, T)
         if num_queries > 1:  # query i may not see the later new entities (for one query every key is earlier)
             later = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).triu_(1)
             key[..., query_offset:].masked_fill_(later, _NO_KEY)
-        key_ok = key_valid[:, :num_keys]
-        if not bool(key_ok.all()):
-            key.masked_fill_(~key_ok.view(batch, 1, 1, num_keys), _NO_KEY)
         best = torch.topk(key, width, dim=-1, largest=False).values
         valid = best != _NO_KEY
         chosen = (_LOW32 - (best & _LOW32)).masked_fill_(~valid, 0)

@@ -14,8 +14,8 @@ wall-clock seconds), and a Markdown table with the command, hardware, commit and
 Variants: dfn (full), llama (LlamaForCausalLM, intermediate size chosen to match DFN's parameter count), no_flow
 (use_flow=False: time-only positions), no_memory (use_memory=False), no_flownorm (use_flownorm=False), seed_layer
 (layer_variant="seed"), eight_heads (8 position heads; Llama keeps the preset's attention heads), gelu_mlp
-(mlp_type="gelu": the ungated MLP DFN had before SwiGLU, same weight count). Ablations run at the first context; other
-contexts run dfn, no_flow and llama.
+(mlp_type="gelu": the ungated MLP DFN had before SwiGLU, about the same weights). Ablations run at the first context;
+other contexts run dfn, no_flow and llama.
 Outputs in --output_dir (default outputs/compare/<preset>): results.json, results.md, compare.png, one folder per run.
 """
 
