@@ -7,7 +7,7 @@ growth and chunking.
 
 import pytest
 import torch
-from conftest import make_model, max_diff, pad_batch, random_ids, tiny_config
+from conftest import LAYOUTS, layout, make_model, masks, max_diff, pad_batch, random_ids, tiny_config
 
 import dfn.neighbors_dfn as nd
 from dfn.neighbors_dfn import (
@@ -20,7 +20,6 @@ from dfn.neighbors_dfn import (
     causal_knn_scan,
 )
 
-LAYOUTS = ("time", "iid", "clustered", "equal", "duplicates", "lattice", "reversed")
 # (leaf L, previous leaves P, first window, budget): the default and small ones that reach deep levels
 GEOMETRIES = {
     "default": (64, 1, 64, 1 << 20),
@@ -37,43 +36,6 @@ def geometry(request, monkeypatch):
     monkeypatch.setattr(nd, "_WINDOW", window)
     monkeypatch.setattr(nd, "_BUDGET", budget)
     return request.param
-
-
-def layout(name: str, batch: int, length: int, heads: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """`(B, T, H, k)` positions."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, length, heads, dim)
-    time = torch.arange(length, dtype=torch.float32).view(1, -1, 1, 1)
-    if name == "time":  # the model's layout: coordinate 0 = t · time scale + drift, the others drift
-        scale = torch.logspace(-2, 0, heads).view(1, 1, heads, 1)
-        base = torch.cat([(time * scale).expand(batch, -1, heads, 1), torch.zeros(*shape[:3], dim - 1)], -1)
-        return base + 0.5 * torch.randn(shape, generator=gen)
-    if name == "iid":
-        return torch.rand(shape, generator=gen)
-    if name == "clustered":
-        centres = 5 * torch.randn(4, dim, generator=gen)
-        which = torch.randint(0, 4, shape[:3], generator=gen)
-        return centres[which] + 0.01 * torch.randn(shape, generator=gen)
-    if name == "equal":
-        return torch.full(shape, 0.5)
-    if name == "duplicates":
-        return torch.randint(0, 3, shape, generator=gen).float()
-    if name == "lattice":  # time-ordered groups of equal coordinate 0, integer offsets: ties everywhere
-        pos = torch.randint(0, 2, shape, generator=gen).float()
-        pos[..., 0] = (time // 3).view(1, -1, 1)
-        return pos
-    if name == "reversed":
-        return -time.expand(shape).clone() + 0.1 * torch.randn(shape, generator=gen)
-    raise ValueError(name)
-
-
-def masks(length: int, seed: int = 1) -> torch.Tensor:
-    """`(4, T)` key masks, one per batch element: none, left padding, right padding, random holes."""
-    key_valid = torch.ones(4, length, dtype=torch.bool)
-    key_valid[1, : (2 * length) // 3] = False
-    key_valid[2, length // 2 :] = False
-    key_valid[3] = torch.rand(length, generator=torch.Generator().manual_seed(seed)) > 0.3
-    return key_valid
 
 
 def neighbour_dist(query_pos, key_pos, indices, valid) -> torch.Tensor:
