@@ -91,7 +91,8 @@ def memory_step(state: dict, pos, val, log_weight, valid, completes, params: dic
     acc_sum = state["acc_sum"] + weight
     acc_pos = state["acc_pos"] + weight.unsqueeze(-1) * pos.unsqueeze(-2)
     acc_val = state["acc_val"] + weight.unsqueeze(-1) * val.unsqueeze(-2)
-    if not bool(completes.any()):  # most decoding steps complete no chunk
+    # most decoding steps complete no chunk; a compiled graph always takes the commit path (same result, no sync)
+    if not torch.compiler.is_compiling() and not bool(completes.any()):
         return out, lse, dict(state, acc_sum=acc_sum, acc_pos=acc_pos, acc_val=acc_val)
     decay, ratio = commit_coefficients(acc_sum)
     done = completes.view(-1, 1, 1)

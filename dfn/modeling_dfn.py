@@ -8,6 +8,7 @@ Axis legend: B batch, N new entities, T all entities (cached + new), H heads, k 
 D head_dim, E hidden_size, M memory slots.
 """
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from transformers.utils import can_return_tuple, logging
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
 from .memory_dfn import initial_memory_state, memory_scan, squared_distance
-from .neighbors_dfn import causal_knn
+from .neighbors_dfn import causal_knn, searches_box_tree
 
 logger = logging.get_logger(__name__)
 
@@ -354,6 +355,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
                 self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
                 self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
+        self.compiled_step = None  # (project, update) compiled for decoding steps: see `compile_decoding`
 
     def forward(
         self,
@@ -376,6 +378,32 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         Returns:
             new states `(B, N, E)` and moved positions `(B, N, H, k)`.
         """
+        length = hidden_states.shape[1]
+        project, update = DFNFlowLayer._project, DFNFlowLayer._update
+        if self.compiled_step is not None and cache_layer is not None and length == 1 and not torch.is_grad_enabled():
+            project, update = self.compiled_step
+        x, positions, queries, values, log_weights, inv_two_var = project(self, hidden_states, positions)
+        features = self._append(positions, values, log_weights, key_mask, cache_layer)
+        neighbors = None  # the box tree's descent is data-dependent (never compiled): searched here, the rest in update
+        boxes = cache_layer.boxes if cache_layer is not None else None
+        if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
+            neighbors = self._neighbors(queries, features, key_mask, boxes)
+        memory = None
+        if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
+            memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
+        hidden_states, memory = update(
+            self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, key_mask,
+            neighbors, position_ids, entity_mask, memory,
+        )  # fmt: skip
+        if cache_layer is not None and memory is not None:
+            cache_layer.memory = {name: t.detach() for name, t in memory.items()}
+            cache_layer.memory_stale = False
+        return hidden_states, positions
+
+    def _project(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """The new entities' normalised states `(B, N, E)`, positions moved by the flow `(B, N, H, k)`, query points
+        (the same unless the query flow moves them), values `(B, N, H, D)`, log influence weights `(B, N, H)` and the
+        kernel's `1/2σ²` `(H,)`."""
         batch, length, _ = hidden_states.shape
         x = self.input_norm(hidden_states)
         if self.config.use_flow:
@@ -385,64 +413,71 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         if self.config.use_query_flow:
             look = self.query_flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
             queries = positions + self.flow_alpha.view(1, 1, -1, 1) * look
-        log_weights = F.logsigmoid(self.influence_proj(x).float())  # (B, N, H)
+        log_weights = F.logsigmoid(self.influence_proj(x).float())
         values = self.value_proj(x).view(batch, length, self.num_heads, self.head_dim).float()
-        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)  # (H,)
+        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
+        return x, positions, queries, values, log_weights, inv_two_var
 
-        mixed, log_norm = self._mix_neighbors(
-            positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer
+    def _append(self, positions, values, log_weights, key_mask, cache_layer) -> torch.Tensor:
+        """The packed features `(B, T, H, k + D + 1)` (positions, value, log influence weight) of every key: the
+        cached entities, to which the new ones are appended, and the new ones."""
+        new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
+        if cache_layer is None:
+            return new_features
+        if new_features.requires_grad or (torch.is_grad_enabled() and self.log_kernel_width.requires_grad):
+            # keep the new entities' gradient path (the cache stores detached copies), and never let the backward see
+            # a view of the cache buffer that later calls overwrite in place
+            features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
+            cache_layer.update(new_features, key_mask)
+            return features
+        return cache_layer.update(new_features, key_mask)
+
+    def _neighbors(self, queries, features, key_mask, boxes=None) -> tuple:
+        """Indices and validity `(B, N, H, K)` of the K earlier entities nearest to each query point `(B, N, H, k)`
+        among the keys' packed `features` (the new entities are the last N keys)."""
+        return causal_knn(
+            queries.detach(),
+            features[..., : self.pos_dim].detach(),
+            key_mask,
+            self.config.num_neighbors,
+            features.shape[1] - queries.shape[1],
+            self.config.neighbor_search,
+            boxes=boxes,
         )
-        if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
-            params = self._memory_params()
-            state = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length], params)
-            mem, mem_log_norm, state = memory_scan(
-                state,
+
+    def _update(
+        self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, key_mask, neighbors,
+        position_ids, entity_mask, memory,
+    ) -> tuple:  # fmt: skip
+        """The neighbour search (unless `neighbors`, its indices and validity, are given), the kernel mix over the
+        chosen neighbours, the field memory's read and write (when `memory`, its state before the new entities, is
+        given) and the MLP: new states `(B, N, E)` and the memory's new state."""
+        batch, length, _ = hidden_states.shape
+        indices, valid = self._neighbors(queries, features, key_mask) if neighbors is None else neighbors
+        mixed, log_norm = self._mix(queries, features, inv_two_var, indices, valid)
+        if memory is not None:
+            mem, mem_log_norm, memory = memory_scan(
+                memory,
                 positions[..., 1:],
                 values,
                 log_weights,
                 position_ids,
                 entity_mask,
-                params,
+                self._memory_params(),
                 self.config.memory_chunk_size,
             )
             total = torch.logaddexp(log_norm, mem_log_norm).unsqueeze(-1)
             mixed = (
                 torch.exp(log_norm.unsqueeze(-1) - total) * mixed + torch.exp(mem_log_norm.unsqueeze(-1) - total) * mem
             )
-            if cache_layer is not None:
-                cache_layer.memory = {name: t.detach() for name, t in state.items()}
-                cache_layer.memory_stale = False
         mixed = self.mix_dropout(mixed.reshape(batch, length, -1).to(hidden_states.dtype))
-
         if self.output_norm is None:
-            hidden_states = hidden_states + self.mlp(torch.cat([x, mixed], dim=-1))
-        else:
-            hidden_states = self.output_norm(self.mlp(torch.cat([hidden_states, mixed], dim=-1)))
-        return hidden_states, positions
+            return hidden_states + self.mlp(torch.cat([x, mixed], dim=-1)), memory
+        return self.output_norm(self.mlp(torch.cat([hidden_states, mixed], dim=-1))), memory
 
-    def _mix_neighbors(self, positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer):
-        """Gaussian-kernel average over the K earlier entities nearest to each query point `queries` `(B, N, H, k)`
-        (the entities' own `positions` unless the query flow moves them): `(B, N, H, D)` and its log-normaliser."""
-        new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)  # (B, N, H, k + D + 1)
-        if cache_layer is None:
-            features = new_features
-        elif new_features.requires_grad or inv_two_var.requires_grad:
-            # keep the new entities' gradient path (the cache stores detached copies), and never let the backward see
-            # a view of the cache buffer that later calls overwrite in place
-            features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
-            cache_layer.update(new_features, key_mask)
-        else:
-            features = cache_layer.update(new_features, key_mask)
-        offset = features.shape[1] - positions.shape[1]
-        indices, valid = causal_knn(
-            queries.detach(),
-            features[..., : self.pos_dim].detach(),
-            key_mask,
-            self.config.num_neighbors,
-            offset,
-            self.config.neighbor_search,
-            boxes=cache_layer.boxes if cache_layer is not None else None,
-        )
+    def _mix(self, queries, features, inv_two_var, indices, valid) -> tuple:
+        """Gaussian-kernel average of the chosen neighbours' values for each query `(B, N, H, k)`: `(B, N, H, D)` and
+        its log-normaliser `(B, N, H)`."""
         # without gradients the gather path: it reads only the chosen keys, where the fused one copies every key's
         # position (O(T) per call: too much for a decoding step)
         fused = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, features, inv_two_var))
@@ -466,10 +501,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             return self.memory_pos.float()
         return self.memory_val.new_zeros(self.num_heads, self.config.memory_slots, 0, dtype=torch.float32)
 
-    def _memory_state(self, cache_layer, past_mask: torch.Tensor, params: dict) -> dict:
+    def _memory_state(self, cache_layer, past_mask: torch.Tensor) -> dict:
         """The memory as it stands before the new entities: from the cache, fresh, or rebuilt after a crop."""
         if cache_layer is not None and cache_layer.memory is not None and not cache_layer.memory_stale:
             return cache_layer.memory
+        params = self._memory_params()
         fresh = initial_memory_state(params["home"], self.memory_val.float(), past_mask.shape[0])
         if cache_layer is None or not bool(past_mask.any()):
             return fresh
@@ -486,6 +522,14 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             read=False,
         )
         return state
+
+
+@functools.cache
+def _compiled_step(options: tuple) -> tuple:
+    """`DFNFlowLayer._project` and `DFNFlowLayer._update` compiled with `torch.compile(dynamic=True, **options)`, once
+    per process: the layer is an argument, so all layers of one structure share a graph."""
+    kwargs = {"dynamic": True, **dict(options)}
+    return torch.compile(DFNFlowLayer._project, **kwargs), torch.compile(DFNFlowLayer._update, **kwargs)
 
 
 class DFNPreTrainedModel(PreTrainedModel):
@@ -528,6 +572,19 @@ class DFNPreTrainedModel(PreTrainedModel):
                 f"{sorted(info['missing_keys'])[:10]} (incompatible or incomplete checkpoint)"
             )
         return (model, info) if return_info else model
+
+    def compile_decoding(self, **compile_options):
+        """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
+        `torch.compile(dynamic=True, **compile_options)`: each layer's projections and flow (`_project`) and its kernel
+        mix, field memory and MLP (`_update`). The neighbour search and the cache's bookkeeping stay eager, so a
+        growing cache (new blocks of the search structure, memory commits, longer contexts) reuses the same graphs.
+        Full passes, training and calls with several new entities are unchanged; the eager step stays the reference
+        (tested equal). The first decoding steps compile: tens of seconds, and on CPU a C++ compiler is needed.
+        Returns the model."""
+        step = _compiled_step(tuple(sorted(compile_options.items())))
+        for layer in self.base_model.layers:
+            layer.compiled_step = step
+        return self
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -666,11 +723,12 @@ class DFNModel(DFNPreTrainedModel):
                 )
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one entity")
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
-                )
+            if not torch.compiler.is_compiling():  # a host sync; a compiled graph relies on the lookup's own check
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= self.config.vocab_size:
+                    raise ValueError(
+                        f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
+                    )
             return self.embed_tokens(input_ids)
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(

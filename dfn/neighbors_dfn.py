@@ -606,6 +606,12 @@ def causal_knn_blocks(
     return found.unsqueeze(1), valid.unsqueeze(1)
 
 
+def searches_box_tree(boxes: BlockBoxes | None, num_queries: int) -> bool:
+    """Whether the "auto" search of `num_queries` new entities descends the cache's box tree `boxes` (a decoding step
+    past `_SCAN_MAX_BLOCKS` blocks) rather than scanning every key."""
+    return num_queries == 1 and boxes is not None and boxes.num_blocks > _SCAN_MAX_BLOCKS
+
+
 def causal_knn(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
@@ -625,7 +631,7 @@ def causal_knn(
     num_queries = query_pos.shape[1]
     if method == "reference":
         return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
-    if method == "auto" and num_queries == 1 and boxes is not None and boxes.num_blocks > _SCAN_MAX_BLOCKS:
+    if method == "auto" and searches_box_tree(boxes, num_queries):
         return causal_knn_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, boxes)
     if method == "auto" and num_queries <= 2:
         return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
@@ -643,4 +649,5 @@ __all__ = [
     "causal_knn_fast",
     "causal_knn_reference",
     "causal_knn_scan",
+    "searches_box_tree",
 ]

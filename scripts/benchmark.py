@@ -9,6 +9,7 @@ writes JSON and a log-log PNG. The baseline is skipped (and marked) where its pr
     python scripts/benchmark.py --quick                      # seconds: the test suite runs this
     python scripts/benchmark.py                              # CPU: 512 .. 131072 bytes (long)
     python scripts/benchmark.py --device cuda --max-length 1048576
+    python scripts/benchmark.py --compile-decoding           # DFN decoding through model.compile_decoding()
 """
 
 import argparse
@@ -40,6 +41,11 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="DFN decoding: blocks bounded all at once before the box-tree descent takes over (0: the library's)",
+    )
+    parser.add_argument(
+        "--compile-decoding",
+        action="store_true",
+        help="DFN decoding through `model.compile_decoding()` (torch.compile; the first steps compile, untimed)",
     )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -154,7 +160,9 @@ def worker(spec: dict, args) -> dict:
         with torch.no_grad():
             out = model(ids, use_cache=True, logits_to_keep=1)
             cache, token = out.cache, out.logits.argmax(-1)
-            for _ in range(2):  # warm-up steps
+            if args.compile_decoding and spec["kind"] == "dfn":
+                model.compile_decoding()
+            for _ in range(4 if args.compile_decoding else 2):  # warm-up steps (compiled: the graphs compile here)
                 out = model(token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
             if device.type == "cuda":

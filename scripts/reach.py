@@ -9,8 +9,8 @@ earlier bytes to choose from. Per layer and head:
 * DFN: the share of each entity's K neighbours that are older than K bytes. Time-only positions (the flow-off
   ablation) give 0, because their K nearest are the K most recent; what the flow moves in or out shows here. Also
   the kernel mass at age >= K and >= 256, among the K neighbours (the field memory's share is not counted), and the
-  median neighbour age. The neighbours and weights are those the layer used: its inputs are recorded during the
-  forward and searched again with the same `causal_knn`.
+  median neighbour age. The neighbours and weights are those the layer used: its kernel mix's inputs are recorded
+  during the forward.
 * Llama: the attention mass at age >= K and >= 256 (eager attention).
 
 Prints a table; `--json` writes the numbers.
@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dfn import DFNForCausalLM  # noqa: E402
 from dfn.data import read_text_bytes, train_val_split  # noqa: E402
 from dfn.modeling_dfn import gather_neighbors, kernel_weights  # noqa: E402
-from dfn.neighbors_dfn import causal_knn  # noqa: E402
 
 
 def windows(path: str, split: str, length: int, count: int) -> torch.Tensor:
@@ -45,18 +45,15 @@ def windows(path: str, split: str, length: int, count: int) -> torch.Tensor:
 
 
 def record_mix_inputs(model) -> list[dict]:
-    """Wrap every DFN layer's neighbour mix so that each call records what it searched and weighed."""
+    """Wrap every DFN layer's kernel mix so that each call records the neighbours it weighed and their inputs."""
     records = []
     for layer in model.model.layers:
-        mix = layer._mix_neighbors
 
-        def recorded(positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer, _mix=mix):
-            records.append(
-                dict(positions=positions, queries=queries, log_w=log_weights, mask=key_mask, inv=inv_two_var)
-            )
-            return _mix(positions, queries, values, log_weights, key_mask, inv_two_var, cache_layer)
+        def recorded(queries, features, inv_two_var, indices, valid, _mix=layer._mix):
+            records.append(dict(queries=queries, features=features, inv=inv_two_var, indices=indices, valid=valid))
+            return _mix(queries, features, inv_two_var, indices, valid)
 
-        layer._mix_neighbors = recorded
+        layer._mix = recorded
     return records
 
 
@@ -72,12 +69,9 @@ def dfn_reach(model, ids: torch.Tensor, skip: int) -> list[dict]:
     model.model(ids, use_cache=False)
     rows = []
     for layer, rec in enumerate(records):
-        indices, valid = causal_knn(
-            rec["queries"], rec["positions"], rec["mask"], config.num_neighbors, 0, config.neighbor_search
-        )
-        near_pos = gather_neighbors(rec["positions"], indices)
-        near_log_w = gather_neighbors(rec["log_w"].unsqueeze(-1), indices)
-        logits, _ = kernel_weights(rec["queries"], near_pos, near_log_w, valid, rec["inv"])
+        indices, valid, features = rec["indices"], rec["valid"], rec["features"]
+        near = gather_neighbors(features, indices)  # (B, N, H, K, k + D + 1): positions, value, log-weight
+        logits, _ = kernel_weights(rec["queries"], near[..., : config.pos_dim], near[..., -1:], valid, rec["inv"])
         weights = torch.softmax(logits, -1)[:, skip:]
         age = (torch.arange(ids.shape[1]).view(1, -1, 1, 1) - indices)[:, skip:]
         valid = valid[:, skip:]
@@ -111,11 +105,11 @@ def llama_reach(model, ids: torch.Tensor, skip: int, num_neighbors: int) -> list
 
 
 def reach(folder: str, ids: torch.Tensor, skip: int, num_neighbors: int) -> dict:
-    is_dfn = json.loads((Path(folder) / "config.json").read_text())["model_type"] == "dfn"
-    kwargs = {"trust_remote_code": True} if is_dfn else {"attn_implementation": "eager"}
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    if is_dfn:
+    if json.loads((Path(folder) / "config.json").read_text())["model_type"] == "dfn":
+        # this package's classes (not the folder's copy of the code): the recording wraps their methods
+        model = DFNForCausalLM.from_pretrained(folder).eval()
         return {"model": "dfn", "num_neighbors": model.config.num_neighbors, "layers": dfn_reach(model, ids, skip)}
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     return {
         "model": model.config.model_type,
         "num_neighbors": num_neighbors,

@@ -1,0 +1,42 @@
+"""`compile_decoding`: cached decoding through the compiled step gives the eager model's logits and generations, on
+both sides of the box-tree threshold (the scan inside the compiled graph; the tree's descent eager before it)."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import make_model, max_diff, random_ids, tiny_config
+
+from dfn import DFNCache
+from dfn.neighbors_dfn import _SCAN_MAX_BLOCKS, DECODE_BLOCK
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
+
+
+def decode(model, ids, start):
+    """Logits of `ids[:, start:]` decoded one entity at a time after a prefill of `ids[:, :start]`."""
+    with torch.no_grad():
+        cache = DFNCache(model.config)
+        model(ids[:, :start], cache=cache, use_cache=True)
+        return torch.cat(
+            [model(ids[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(start, ids.shape[1])], 1
+        )
+
+
+def test_compiled_decoding_equals_the_full_pass_and_eager_generation():
+    torch._dynamo.reset()
+    model = make_model(tiny_config("k3-mem-residual"))
+    eager = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
+    tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 10  # past the threshold: the box tree is searched
+    ids = random_ids(1, tree + 8, seed=2)
+    with torch.no_grad():
+        full = model(ids).logits
+    model.compile_decoding()
+    before = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
+    assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > before  # the compiled step did run
+    compiled = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
+    assert torch.equal(compiled, eager)
