@@ -9,7 +9,8 @@ earlier bytes to choose from. Per layer and head:
 * DFN: the share of each entity's K neighbours that are older than K bytes. Time-only positions (the flow-off
   ablation) give 0, because their K nearest are the K most recent; what the flow moves in or out shows here. Also
   the kernel mass at age >= K and >= 256, among the K neighbours (the field memory's share is not counted), and the
-  median neighbour age. The neighbours and weights are those the layer used: its kernel mix's inputs are recorded
+  median neighbour age, and how many nats the flow's content coordinates typically move a kernel logit
+  (`flow_logit_scale`). The neighbours and weights are those the layer used: its kernel mix's inputs are recorded
   during the forward.
 * Llama: the attention mass at age >= K and >= 256 (eager attention).
 
@@ -62,6 +63,16 @@ def mass_at_age(weights: torch.Tensor, age: torch.Tensor, limit: int, query_axes
     return (weights * (age >= limit)).sum(-1).mean(query_axes).tolist()
 
 
+def flow_logit_scale(positions: torch.Tensor, inv_two_var: torch.Tensor) -> list[float]:
+    """Per head, `sd^2 / σ^2` with `sd` the spread over entities of the flow coordinates (1..k-1, time excluded) of
+    `positions` `(B, T, H, k)`: how many nats the flow's content placement typically moves a kernel logit (two entities
+    `sd·√2` apart cost `sd^2/σ^2`). 0 for time-only positions."""
+    if positions.shape[-1] == 1:
+        return [0.0] * positions.shape[2]
+    spread = positions[..., 1:].flatten(0, 1).var(0).sum(-1)  # (H,)
+    return (spread * 2 * inv_two_var).tolist()
+
+
 @torch.no_grad()
 def dfn_reach(model, ids: torch.Tensor, skip: int) -> list[dict]:
     config = model.config
@@ -84,6 +95,7 @@ def dfn_reach(model, ids: torch.Tensor, skip: int) -> list[dict]:
                 median_neighbor_age=median.nanmedian(1).values.median(0).values.tolist(),
                 mass_age_ge_K=mass_at_age(weights, age, config.num_neighbors, (0, 1)),
                 mass_age_ge_256=mass_at_age(weights, age, 256, (0, 1)),
+                flow_logit_scale=flow_logit_scale(features[..., : config.pos_dim], rec["inv"]),
             )
         )
     return rows

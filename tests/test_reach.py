@@ -42,12 +42,14 @@ def test_time_only_positions_read_the_most_recent_entities(report):
         assert row["neighbors_older_than_K"] == [0.0, 0.0]
         assert row["mass_age_ge_K"] == [0.0, 0.0]
         assert all(age <= 4 for age in row["median_neighbor_age"])  # K = 4: ages 0-3
+        assert row["flow_logit_scale"] == [0.0, 0.0]  # pos_dim 1: no flow coordinates
 
 
 def test_the_flow_moves_neighbours_beyond_the_most_recent(report):
     results, root = report
     rows = results[str(root / "flow")]["layers"]
     assert max(max(row["neighbors_older_than_K"]) for row in rows) > 0.05
+    assert min(min(row["flow_logit_scale"]) for row in rows) > 0.01
     for row in rows:
         for ge_k, ge_256 in zip(row["mass_age_ge_K"], row["mass_age_ge_256"], strict=True):
             assert 0.0 <= ge_256 <= ge_k <= 1.0 + 1e-6
