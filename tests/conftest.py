@@ -6,6 +6,10 @@ The weights are perturbed away from the (near-zero) initialisation so that flow,
 and memory all matter and greedy decoding does not collapse to one repeated byte.
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +18,7 @@ from dfn import DFNConfig, DFNForCausalLM
 # The tensors here are tiny: one thread is many times faster than two on a shared 2-core machine.
 torch.set_num_threads(1)
 
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 VOCAB_BYTES = 256  # ids 0-255 are bytes; 256 pad, 257 bos, 258 eos
 PAD_ID = 256
 EOS_ID = 258
@@ -82,6 +87,16 @@ def make_model(config: DFNConfig, seed: int = 0, noise: float | None = None) -> 
             else:
                 param.add_(noise * torch.randn_like(param))
     return model.eval()
+
+
+def load_script(name: str):
+    """Import `scripts/<name>.py` as a module (the scripts folder on the path, as when the script runs)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_ids(batch: int, length: int, seed: int = 0, high: int = VOCAB_BYTES) -> torch.Tensor:

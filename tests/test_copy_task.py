@@ -1,6 +1,5 @@
 """scripts/copy_task.py: the examples are what the task says, only the copy is scored, and --quick writes its report."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -8,20 +7,13 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location("copy_task", REPO / "scripts" / "copy_task.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_copy_example_repeats_letters_and_scores_only_the_predictable_copy():
-    ct = load_script()
+    ct = load_script("copy_task")
     ex = ct.copy_example(torch.Generator().manual_seed(0), 10)
     ids, labels = ex["input_ids"], ex["labels"]
     assert ids.shape == labels.shape == (20,)
@@ -33,7 +25,7 @@ def test_copy_example_repeats_letters_and_scores_only_the_predictable_copy():
 def test_varying_string_length_moves_the_copy():
     """With --min-string-length, S varies per example: the copy starts right after the string, whatever its size,
     only its bytes after the first are scored, and every example keeps the same length (no padding)."""
-    ct = load_script()
+    ct = load_script("copy_task")
     generator = torch.Generator().manual_seed(0)
     sizes = set()
     for _ in range(40):
@@ -71,7 +63,7 @@ def test_quick_run(tmp_path):
 
 
 def test_sparse_read_takes_effect_and_restores_the_trained_k():
-    ct = load_script()
+    ct = load_script("copy_task")
     args = ct.parse_args(["--quick"])
     model = ct.build_model("dfn-query-flow-all", args)  # every earlier entity a candidate: K = 2 S = 16
     result = ct.evaluate(model, args)
@@ -81,7 +73,7 @@ def test_sparse_read_takes_effect_and_restores_the_trained_k():
 
 def test_varied_read_scores_strings_of_other_lengths():
     """--eval-min-string-length scores the trained model on varying S as well (fixed-offset solutions fail there)."""
-    ct = load_script()
+    ct = load_script("copy_task")
     args = ct.parse_args(["--quick", "--eval-min-string-length", "3"])
     model = ct.build_model("llama", args)
     result = ct.evaluate(model, args)

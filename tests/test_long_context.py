@@ -1,7 +1,6 @@
 """scripts/long_context.py: the task generators are exact, scoring is aligned with greedy decoding, and the --quick
 run writes its JSON report and heat maps."""
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,18 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("long_context", REPO / "scripts" / "long_context.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lc = load_script()
+lc = load_script("long_context")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,14 @@
 """scripts/reach.py: time-only positions read exactly the K most recent entities, the flow moves neighbours beyond
 them, and attention ages are shares of a distribution."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model, tiny_config
+from conftest import load_script, make_model, tiny_config
 
 from dfn.baselines import same_size_llama
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location("reach", REPO / "scripts" / "reach.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def report(tmp_path_factory):
     same_size_llama(folders["flow"], 64).save_pretrained(root / "llama")
     argv = [str(root / n) for n in ("no_flow", "flow", "llama")]
     argv += ["--text", str(REPO / "data/tinyshakespeare.txt"), "--split", "all", "--length", "64", "--skip", "16"]
-    return load_script().main(argv + ["--json", str(root / "reach.json")]), root
+    return load_script("reach").main(argv + ["--json", str(root / "reach.json")]), root
 
 
 def test_time_only_positions_read_the_most_recent_entities(report):
