@@ -27,7 +27,7 @@ from transformers.utils import can_return_tuple, logging
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
 from .memory_dfn import initial_memory_state, memory_scan, squared_distance
-from .neighbors_dfn import causal_knn, searches_box_tree
+from .neighbors_dfn import causal_knn, causal_knn_flat_blocks, flat_boxes, searches_box_tree
 
 logger = logging.get_logger(__name__)
 
@@ -355,7 +355,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
                 self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
                 self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
-        self.compiled_step = None  # (project, update) compiled for decoding steps: see `compile_decoding`
+        self.compiled_step = None  # (project, update, flat tree search) compiled for decoding: see compile_decoding
 
     def forward(
         self,
@@ -379,15 +379,15 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             new states `(B, N, E)` and moved positions `(B, N, H, k)`.
         """
         length = hidden_states.shape[1]
-        project, update = DFNFlowLayer._project, DFNFlowLayer._update
+        project, update, flat_search = DFNFlowLayer._project, DFNFlowLayer._update, None
         if self.compiled_step is not None and cache_layer is not None and length == 1 and not torch.is_grad_enabled():
-            project, update = self.compiled_step
+            project, update, flat_search = self.compiled_step
         x, positions, queries, values, log_weights, inv_two_var = project(self, hidden_states, positions)
         features = self._append(positions, values, log_weights, key_mask, cache_layer)
-        neighbors = None  # the box tree's descent is data-dependent (never compiled): searched here, the rest in update
+        neighbors = None  # the box tree's search has a data-dependent fallback: run here, not inside `update`
         boxes = cache_layer.boxes if cache_layer is not None else None
         if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
-            neighbors = self._neighbors(queries, features, key_mask, boxes)
+            neighbors = self._tree_neighbors(queries, features, key_mask, boxes, flat_search)
         memory = None
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
@@ -444,6 +444,22 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.config.neighbor_search,
             boxes=boxes,
         )
+
+    def _tree_neighbors(self, queries, features, key_mask, boxes, flat_search=None) -> tuple:
+        """A decoding step's neighbours over the cache's box tree `boxes`: through `flat_search` (a compiled
+        `_flat_tree_search`) where the tree's blocks are bounded all at once, with the scan where that does not settle
+        the answer; else the eager search (`causal_knn_blocks`)."""
+        flat = flat_boxes(boxes) if flat_search is not None else None
+        if flat is None:
+            return self._neighbors(queries, features, key_mask, boxes)
+        indices, valid, settled = flat_search(self, queries, features, key_mask, *flat)
+        return (indices, valid) if bool(settled) else self._neighbors(queries, features, key_mask)
+
+    def _flat_tree_search(self, queries, features, key_mask, low, high) -> tuple:
+        """`causal_knn_flat_blocks` for this layer's queries and keys (see `_tree_neighbors`)."""
+        offset = features.shape[1] - queries.shape[1]
+        keys = features[..., : self.pos_dim]
+        return causal_knn_flat_blocks(queries, keys, key_mask, self.config.num_neighbors, offset, low, high)
 
     def _update(
         self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, key_mask, neighbors,
@@ -526,10 +542,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
 @functools.cache
 def _compiled_step(options: tuple) -> tuple:
-    """`DFNFlowLayer._project` and `DFNFlowLayer._update` compiled with `torch.compile(dynamic=True, **options)`, once
-    per process: the layer is an argument, so all layers of one structure share a graph."""
+    """`DFNFlowLayer._project`, `_update` and `_flat_tree_search` compiled with `torch.compile(dynamic=True,
+    **options)`, once per process: the layer is an argument, so all layers of one structure share a graph."""
     kwargs = {"dynamic": True, **dict(options)}
-    return torch.compile(DFNFlowLayer._project, **kwargs), torch.compile(DFNFlowLayer._update, **kwargs)
+    steps = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search)
+    return tuple(torch.compile(step, **kwargs) for step in steps)
 
 
 class DFNPreTrainedModel(PreTrainedModel):
@@ -575,9 +592,10 @@ class DFNPreTrainedModel(PreTrainedModel):
 
     def compile_decoding(self, **compile_options):
         """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
-        `torch.compile(dynamic=True, **compile_options)`: each layer's projections and flow (`_project`) and its kernel
-        mix, field memory and MLP (`_update`). The neighbour search and the cache's bookkeeping stay eager, so a
-        growing cache (new blocks of the search structure, memory commits, longer contexts) reuses the same graphs.
+        `torch.compile(dynamic=True, **compile_options)`: each layer's projections and flow (`_project`), its exact
+        scan, kernel mix, field memory and MLP (`_update`), and the search over the box tree's blocks where a step
+        bounds them all at once (`_flat_tree_search`). The cache's bookkeeping and the tree's deeper descent and
+        fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses the same graphs.
         Full passes, training and calls with several new entities are unchanged; the eager step stays the reference
         (tested equal). The first decoding steps compile: tens of seconds, and on CPU a C++ compiler is needed.
         Returns the model."""

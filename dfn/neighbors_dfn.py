@@ -571,39 +571,75 @@ def causal_knn_blocks(
     `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(log n) box bounds plus
     O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
     """
-    batch, num_queries, heads, dim = query_pos.shape
-    num_blocks, num_keys = boxes.num_blocks, query_offset + num_queries
     with torch.no_grad():
-        query = query_pos[:, -1].float()  # (B, H, k)
-        blocks, left_out, descended = _descend(query, boxes, stats)
-        real = blocks < num_blocks if descended else None  # (B, H, top)
-        offsets = torch.arange(DECODE_BLOCK, device=query.device)
-        chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
-        chosen = chosen.flatten(2)  # (B, H, top * block)
-        tail = torch.arange(num_blocks * DECODE_BLOCK, num_keys, device=query.device).expand(batch, heads, -1)
-        index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
-        rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
-        cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
-        dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
-        ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & (index < num_keys)
-        if real is not None:
-            ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
-        best = torch.topk(
-            _sort_keys(dist, _LOW32 - index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
-        ).values  # (B, H, K')
-        kth_dist, _ = _kth(best[..., -1])
-        # exact where the K-th found is nearer than every left-out box (trivially when nothing was left out)
-        settled = left_out is None or bool((kth_dist < left_out).all())
+        blocks, left_out, descended = _descend(query_pos[:, -1].float(), boxes, stats)
+        found, valid, settled = _search_blocks(
+            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, descended, boxes.num_blocks
+        )
     if stats is not None:
+        tail = query_offset + query_pos.shape[1] - boxes.num_blocks * DECODE_BLOCK
         stats["steps"] = stats.get("steps", 0) + 1
-        stats["candidates"] = stats.get("candidates", 0) + index.shape[-1]
-    if not settled or best.shape[-1] < min(num_neighbors, num_keys):
+        stats["candidates"] = stats.get("candidates", 0) + blocks.shape[-1] * DECODE_BLOCK + tail
+    if not bool(settled):
         if stats is not None:
             stats["fallbacks"] = stats.get("fallbacks", 0) + 1
         return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
+    return found, valid
+
+
+def flat_boxes(boxes: BlockBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The block boxes `(low, high)` `(B, n, H, k)` where a decoding step bounds them all at once (at most
+    `_FLAT_MAX_BOXES` blocks, more than `_DECODE_TOP_BLOCKS`), else None (the step descends the tree)."""
+    if not _DECODE_TOP_BLOCKS < boxes.num_blocks <= _FLAT_MAX_BOXES:
+        return None
+    # contiguous copies: views of the growing buffers have strides a compiled graph would recompile for
+    return tuple(t.contiguous() for t in boxes.level(0))
+
+
+def causal_knn_flat_blocks(query_pos, key_pos, key_valid, num_neighbors: int, query_offset: int, low, high):
+    """`causal_knn_blocks` over the block boxes `low`, `high` of `flat_boxes`, without the fallback: tensor work
+    only (no host sync, no Python state), so a compiled graph can run it. Returns the neighbours and `settled` (a 0-d
+    bool): where False, the answer is `causal_knn_scan`'s instead."""
+    with torch.no_grad():
+        query = query_pos[:, -1].float()
+        bound = _box_bounds(query, low.transpose(1, 2), high.transpose(1, 2))  # (B, H, n)
+        best, order = torch.topk(bound, _DECODE_TOP_BLOCKS + 1, dim=-1, largest=False)
+        blocks, left_out = order[..., :_DECODE_TOP_BLOCKS], best[..., _DECODE_TOP_BLOCKS]
+        return _search_blocks(
+            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, False, low.shape[1]
+        )
+
+
+def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, descended, num_blocks):
+    """The K nearest among the chosen `blocks` `(B, H, top)` and the unfinished tail, and whether that is exact
+    (`settled`, a 0-d bool tensor): every K-th found is nearer than `left_out` `(B, H)`, the nearest box left out
+    (None: none left out), and K candidates were found."""
+    batch, num_queries, heads, dim = query_pos.shape
+    num_keys = query_offset + num_queries
+    query = query_pos[:, -1].float()  # (B, H, k)
+    real = blocks < num_blocks if descended else None  # (B, H, top)
+    offsets = torch.arange(DECODE_BLOCK, device=query.device)
+    chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
+    chosen = chosen.flatten(2)  # (B, H, top * block)
+    tail = torch.arange(num_blocks * DECODE_BLOCK, num_keys, device=query.device).expand(batch, heads, -1)
+    index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
+    rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
+    cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
+    dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
+    ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & (index < num_keys)
+    if real is not None:
+        ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
+    best = torch.topk(
+        _sort_keys(dist, _LOW32 - index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
+    ).values  # (B, H, K')
+    kth_dist, _ = _kth(best[..., -1])
+    # exact where the K-th found is nearer than every left-out box (trivially when nothing was left out)
+    settled = torch.ones((), dtype=torch.bool, device=query.device) if left_out is None else (kth_dist < left_out).all()
+    if best.shape[-1] < min(num_neighbors, num_keys):
+        settled = torch.zeros_like(settled)
     valid = best != _NO_KEY
     found = (_LOW32 - (best & _LOW32)).masked_fill(~valid, 0)
-    return found.unsqueeze(1), valid.unsqueeze(1)
+    return found.unsqueeze(1), valid.unsqueeze(1), settled
 
 
 def searches_box_tree(boxes: BlockBoxes | None, num_queries: int) -> bool:
@@ -647,7 +683,9 @@ __all__ = [
     "causal_knn",
     "causal_knn_blocks",
     "causal_knn_fast",
+    "causal_knn_flat_blocks",
     "causal_knn_reference",
     "causal_knn_scan",
+    "flat_boxes",
     "searches_box_tree",
 ]

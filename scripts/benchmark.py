@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--compile-decoding",
         action="store_true",
-        help="DFN decoding through `model.compile_decoding()` (torch.compile; the first steps compile, untimed)",
+        help="DFN decoding through `model.compile_decoding()` (torch.compile; the first 66 steps compile, untimed)",
     )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -162,7 +162,8 @@ def worker(spec: dict, args) -> dict:
             cache, token = out.cache, out.logits.argmax(-1)
             if args.compile_decoding and spec["kind"] == "dfn":
                 model.compile_decoding()
-            for _ in range(4 if args.compile_decoding else 2):  # warm-up steps (compiled: the graphs compile here)
+            # warm-up steps; compiled, the graphs compile here, also those of the steps around a completed block
+            for _ in range(66 if args.compile_decoding else 2):
                 out = model(token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
             if device.type == "cuda":

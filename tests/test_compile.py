@@ -1,5 +1,6 @@
 """`compile_decoding`: cached decoding through the compiled step gives the eager model's logits and generations, on
-both sides of the box-tree threshold (the scan inside the compiled graph; the tree's descent eager before it)."""
+both sides of the box-tree threshold (the scan inside the compiled update; past it, the compiled search over the
+blocks' boxes, across a block's completion)."""
 
 import shutil
 
@@ -25,18 +26,31 @@ def decode(model, ids, start):
         )
 
 
+def counted(step, name: str, calls: dict):
+    def call(*args):
+        calls[name] += 1
+        return step(*args)
+
+    return call
+
+
 def test_compiled_decoding_equals_the_full_pass_and_eager_generation():
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual"))
     eager = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
-    tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 10  # past the threshold: the box tree is searched
-    ids = random_ids(1, tree + 8, seed=2)
+    tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 58  # past the threshold: the box tree is searched
+    ids = random_ids(1, tree + 10, seed=2)  # decoding completes a block (the graphs for 0 and 1 tail entities)
     with torch.no_grad():
         full = model(ids).logits
     model.compile_decoding()
-    before = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    calls = {"project": 0, "update": 0, "flat search": 0}
+    for layer in model.model.layers:  # count the compiled steps' calls
+        layer.compiled_step = tuple(
+            counted(step, name, calls) for step, name in zip(layer.compiled_step, calls, strict=True)
+        )
     assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
+    assert calls["update"] == 2 * 15 and calls["flat search"] == 0  # 2 layers x 15 steps; the scan inside update
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > before  # the compiled step did run
+    assert calls["project"] == calls["update"] == 2 * 25 and calls["flat search"] == 2 * 10
     compiled = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled, eager)

@@ -341,3 +341,24 @@ def test_model_with_fast_search_equals_reference(config_name):
     diff = max_diff(torch.cat(parts, 1)[real], logits["fast"][real])
     print(f"{config_name}: largest logit difference cached vs full pass {diff}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["time", "iid", "clustered", "duplicates", "lattice", "equal"])
+def test_flat_block_search_equals_oracle_where_it_settles(name):
+    """The sync-free block search of compiled decoding: where it reports `settled` its answer is the oracle's, and on
+    the model's time-ordered layout it settles (elsewhere the caller falls back to the scan, as the eager search)."""
+    length, heads = 1500, 2
+    pos, key_valid = layout(name, 4, length, heads, 2, seed=9), masks(length)
+    settled_steps = 0
+    for offset in range(1100, length, 37):
+        boxes = built_boxes(pos, key_valid, (offset + 1) // DECODE_BLOCK)
+        flat = nd.flat_boxes(boxes)
+        assert flat is not None  # ~20 blocks: bounded all at once
+        ref_idx, ref_valid = causal_knn_reference(pos[:, offset : offset + 1], pos, key_valid, 16, offset)
+        idx, valid, settled = nd.causal_knn_flat_blocks(pos[:, offset : offset + 1], pos, key_valid, 16, offset, *flat)
+        if bool(settled):
+            settled_steps += 1
+            assert torch.equal(valid, ref_valid), (name, offset)
+            assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
+    if name == "time":
+        assert settled_steps == len(range(1100, length, 37))
