@@ -741,12 +741,11 @@ class DFNModel(DFNPreTrainedModel):
                 )
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one entity")
-            if not torch.compiler.is_compiling():  # a host sync; a compiled graph relies on the lookup's own check
-                low, high = int(input_ids.min()), int(input_ids.max())
-                if low < 0 or high >= self.config.vocab_size:
-                    raise ValueError(
-                        f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
-                    )
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
+                )
             return self.embed_tokens(input_ids)
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
