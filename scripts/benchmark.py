@@ -1,14 +1,15 @@
 """Scaling benchmark: DFN against a same-parameter-count LlamaForCausalLM (sdpa), side by side in one run.
 
 For each sequence length it measures forward time, forward+backward time and peak memory of both models on the same
-random byte inputs, and cached decoding latency per token at several context lengths. Each measurement runs in a
-fresh subprocess (except with --quick) so that peak memory (RSS on CPU; allocated/reserved on GPU) belongs to that
-measurement alone. Prints a table, fitted scaling exponents, DFN/Llama ratios, machine, threads and versions;
-writes JSON and a log-log PNG. The baseline is skipped (and marked) where its predicted time or memory exceeds the caps.
+random byte inputs, and cached decoding latency per token at several context lengths. On the CPU each measurement runs
+in a fresh subprocess (in this one with --quick) so that its peak RSS belongs to that measurement alone; on a GPU they
+run in this process, with the allocator's cache emptied and its peak counters (allocated, reserved) reset before each.
+Prints a table, fitted scaling exponents, DFN/Llama ratios, machine, threads and versions; writes JSON and a log-log
+PNG. The baseline is skipped (and marked) where its predicted time or memory exceeds the caps.
 
     python scripts/benchmark.py --quick                      # seconds: the test suite runs this
     python scripts/benchmark.py                              # CPU: 512 .. 131072 bytes (long)
-    python scripts/benchmark.py --device cuda --max-length 1048576
+    python scripts/benchmark.py --device cuda --lengths 1024,4096,16384,65536,262144,1048576 --train-max-length 262144
     python scripts/benchmark.py --compile-decoding           # DFN decoding through model.compile_decoding()
 """
 
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (0: torch's default)")
     parser.add_argument("--min-length", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=131072)
+    parser.add_argument("--lengths", default=None, help="comma-separated lengths (replaces the powers of two)")
     parser.add_argument("--train-max-length", type=int, default=16384, help="longest forward+backward measured")
     parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -71,6 +73,9 @@ def parse_args(argv=None):
         args.min_length, args.max_length, args.train_max_length = 256, 512, 512
         args.decode_contexts, args.decode_steps, args.repeats = "128,256", 4, 1
         args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
+    if args.lengths:
+        lengths = sorted(int(n) for n in args.lengths.split(","))
+        args.min_length, args.max_length = lengths[0], lengths[-1]
     return args
 
 
@@ -180,7 +185,15 @@ def worker(spec: dict, args) -> dict:
 
 
 def run_worker(spec: dict, args, argv: list[str]) -> dict:
-    """Run one measurement in a fresh process (in this one with --quick: memory figures are then process-wide)."""
+    """Run one measurement in a fresh process on the CPU; in this one on a GPU (peak counters reset) and with --quick
+    (memory figures are then process-wide)."""
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            return worker(spec, args)
+        except Exception as error:  # noqa: BLE001 - reported like a failed subprocess; the sweep goes on
+            return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
     if args.quick:
         return worker(spec, args)
     command = [sys.executable, __file__, *argv, "--worker", json.dumps(spec)]
@@ -202,10 +215,14 @@ def predicted_exceeds(previous: dict | None, factor: float, args) -> bool:
     return previous["seconds"] * factor**2 > args.baseline_time_cap or memory * factor > args.baseline_mem_cap
 
 
-def sweep(args, argv) -> dict:
+def sweep(args, argv, partial: Path) -> dict:
+    """Every measurement, the results so far rewritten to `partial` after each one (a run cut short keeps them)."""
     from tqdm import tqdm
 
-    lengths = [2**p for p in range(int(math.log2(args.min_length)), int(math.log2(args.max_length)) + 1)]
+    if args.lengths:
+        lengths = sorted(int(n) for n in args.lengths.split(","))
+    else:
+        lengths = [2**p for p in range(int(math.log2(args.min_length)), int(math.log2(args.max_length)) + 1)]
     contexts = [int(c) for c in args.decode_contexts.split(",")]
     jobs = [
         (mode, n) for n in lengths for mode in ("forward", "train") if mode == "forward" or n <= args.train_max_length
@@ -223,6 +240,7 @@ def sweep(args, argv) -> dict:
             results[kind][mode][n] = run_worker({"kind": kind, "mode": mode, "length": n}, args, argv)
             if "seconds" in results[kind][mode][n]:
                 last[(kind, mode)] = (n, results[kind][mode][n])
+            partial.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -355,11 +373,12 @@ def main(argv=None):
         return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = sweep(args, argv)
+    results = sweep(args, argv, out_dir / "benchmark.partial.json")
     env = environment(args)
     exponents = print_report(results, env, args)
     report = {"environment": env, "args": vars(args), "results": results, "exponents": exponents}
     (out_dir / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "benchmark.partial.json").unlink()
     plot(results, out_dir / "scaling.png")
     print(f"\nwrote {out_dir / 'benchmark.json'} and {out_dir / 'scaling.png'}")
 

@@ -167,6 +167,7 @@ def run_one(name: str, context: int, seed: int, preset: dict, args, out_root: Pa
             save_steps=0,
             seed=seed,
             bf16=args.bf16,
+            time_budget_s=args.time_budget_s,
             output_dir=str(out_root / f"{name}-ctx{context}{'' if seed == args.seeds[0] else f'-seed{seed}'}"),
             overwrite=True,
             quiet=True,
@@ -284,6 +285,9 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
+    budget = f"steps ({meta['steps']})"
+    if meta.get("time_budget_s"):
+        budget = f"time budget ({meta['time_budget_s']:.0f} s per run, schedule fitted to it, <= {meta['steps']} steps)"
     lines = [
         f"# DFN vs Llama on Tiny Shakespeare (bytes) — preset `{meta['preset']}`",
         "",
@@ -291,20 +295,20 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"Hardware: {meta['hardware']}; {meta['jobs']} run(s) at a time  ",
         f"Commit: `{meta['commit']}`; date {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min  ",
         f"Same data (nanoGPT byte split; val = last 10 %, final score on "
-        f"{meta['final_eval_blocks'] or 'all'} val blocks), steps ({meta['steps']}), "
+        f"{meta['final_eval_blocks'] or 'all'} val blocks), {budget}, "
         f"tokens per batch ({meta['tokens_per_batch']}) and schedule for every run; seeds {meta['seeds']} "
         f"(extra seeds repeat {', '.join(TARGET_VARIANTS)}). "
         f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context and seed.",
         "",
-        "| run | context | seed | params | val loss (nats/byte) | val bpb | vs Llama | tokens/s (train) | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | context | seed | params | steps | val loss (nats/byte) | val bpb | vs Llama | tokens/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     llama = {(r["context"], r["seed"]): r["val_loss"] for r in results if r["run"] == "llama"}
     for r in results:
         key = (r["context"], r["seed"])
         ratio = f"{r['val_loss'] / llama[key]:.3f}" if key in llama else "–"
         lines.append(
-            f"| {r['run']} | {r['context']} | {r['seed']} | {r['parameters']:,} | {r['val_loss']:.4f} "
+            f"| {r['run']} | {r['context']} | {r['seed']} | {r['parameters']:,} | {r['steps']} | {r['val_loss']:.4f} "
             f"| {r['val_bpb']:.3f} | {ratio} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
         )
     lines.append("")
@@ -377,6 +381,12 @@ def main(argv=None) -> list[dict]:
         help=f"seeds; the extra ones repeat {', '.join(TARGET_VARIANTS)}",
     )
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=0,
+        help="seconds per run: the cosine schedule is fitted to it (train.py --time_budget_s); 0 = the preset's steps",
+    )
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -418,6 +428,7 @@ def main(argv=None) -> list[dict]:
         date=time.strftime("%Y-%m-%d %H:%M"),
         wall_s=time.time() - start,
         steps=args.steps or preset["steps"],
+        time_budget_s=args.time_budget_s,
         tokens_per_batch=preset["tokens_per_batch"],
         seeds=args.seeds,
         final_eval_blocks=preset["final_eval_blocks"],

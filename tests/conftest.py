@@ -68,6 +68,15 @@ CONFIGS = {
 GEN_CONFIGS = ["k3-mem-residual", "k1-mem-seed", "k3-nomem-seed"]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device this machine has: the CPU always, CUDA when present."""
+    return torch.device(request.param)
+
+
 def tiny_config(name: str = "k3-mem-residual", **overrides) -> DFNConfig:
     return DFNConfig(**{**TINY, **CONFIGS[name], **overrides})
 

@@ -1,6 +1,6 @@
 """`compile_decoding`: cached decoding through the compiled step gives the eager model's logits and generations, on
 both sides of the box-tree threshold (the scan inside the compiled update; past it, the compiled search over the
-blocks' boxes, across a block's completion)."""
+blocks' boxes, across a block's completion), on each device (Inductor generates C++ on the CPU, Triton on CUDA)."""
 
 import shutil
 
@@ -34,12 +34,13 @@ def counted(step, name: str, calls: dict):
     return call
 
 
-def test_compiled_decoding_equals_the_full_pass_and_eager_generation():
+def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     torch._dynamo.reset()
-    model = make_model(tiny_config("k3-mem-residual"))
-    eager = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
+    model = make_model(tiny_config("k3-mem-residual")).to(device)
+    prompt = random_ids(2, 9, seed=1).to(device)
+    eager = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 58  # past the threshold: the box tree is searched
-    ids = random_ids(1, tree + 10, seed=2)  # decoding completes a block (the graphs for 0 and 1 tail entities)
+    ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block (graphs for 0 and 1 tail entities)
     with torch.no_grad():
         full = model(ids).logits
     model.compile_decoding()
@@ -52,5 +53,5 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation():
     assert calls["update"] == 2 * 15 and calls["flat search"] == 0  # 2 layers x 15 steps; the scan inside update
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
     assert calls["project"] == calls["update"] == 2 * 25 and calls["flat search"] == 2 * 10
-    compiled = model.generate(random_ids(2, 9, seed=1), max_new_tokens=14, do_sample=False, eos_token_id=None)
+    compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled, eager)

@@ -22,13 +22,7 @@ from dfn.neighbors_dfn import (
     causal_knn_scan,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GREEDY = dict(do_sample=False, eos_token_id=None)
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> torch.device:
-    return torch.device(request.param)
 
 
 def on_cpu(indices: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

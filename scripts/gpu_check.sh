@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements, as one run for a machine with a CUDA GPU (and a Python that has CUDA torch):
+#   bash scripts/gpu_check.sh [OUT_DIR] [TRAIN_BUDGET_S]
+# 1. the scaling benchmark on the GPU, 1k .. 1M bytes, alone on the GPU (its timings are reported);
+# 2. the GPU preset of the quality comparison (nanoGPT shakespeare_char: 6 layers, 384 wide, context 256, batch 64;
+#    DFN and Llama side by side, bf16), fitted into TRAIN_BUDGET_S seconds per run, in the background;
+# 3. meanwhile, CUDA correctness: tests/test_device.py (every check against the CPU) and compiled decoding on CUDA.
+# Each stage has a time limit; a stage that fails or runs out leaves its log (and partial results) in OUT_DIR.
+set -u
+OUT=${1:-outputs/gpu_check}
+TRAIN_BUDGET_S=${2:-270}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start))s"
+}
+
+nvidia-smi -L
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+stage benchmark 180 $PY scripts/benchmark.py --device cuda --lengths 1024,4096,16384,65536,262144,1048576 \
+    --train-max-length 262144 --decode-steps 64 --baseline-time-cap 30 --baseline-mem-cap 100 --out-dir "$OUT"
+tail -n 30 "$OUT/benchmark.log"
+
+stage compare $((TRAIN_BUDGET_S + 90)) $PY scripts/compare.py --preset gpu --contexts 256 --variants dfn llama \
+    --jobs 2 --bf16 --time_budget_s "$TRAIN_BUDGET_S" --output_dir "$OUT/compare" --overwrite &
+train=$!
+
+stage test_device 150 $PY -m pytest tests/test_device.py -q -k cuda
+tail -n 5 "$OUT/test_device.log"
+stage test_compile 200 $PY -m pytest tests/test_compile.py -q -k cuda
+tail -n 5 "$OUT/test_compile.log"
+
+wait $train
+tail -n 20 "$OUT/compare.log"
