@@ -74,7 +74,6 @@ _PREVIOUS = 1  # P: leaves before a query's own leaf that are searched densely w
 _WINDOW = 64  # entries of a block's coordinate-0 order in the first window searched around a query
 _BUDGET = 1 << 20  # candidate slots evaluated at once (bounds temporaries; small buffers are reused)
 _NO_KEY = torch.iinfo(torch.int64).max  # sort key of an empty or invalid slot
-_LOW32 = 0xFFFFFFFF
 _NO_INDEX = 1 << 40  # index of a missing K-th neighbour: above every real index
 # "auto" uses the oracle up to this many (query, key) pairs (measured crossover, 16 x 4 rows: oracle 8.5 ms vs fast
 # 10.1 ms at 64 x 64, 36.8 vs 19.5 ms at 128 x 128, 86.8 vs 42.6 ms at 256 x 256)
@@ -93,19 +92,26 @@ def _sq_dist(query: list, key: list) -> torch.Tensor:
     return dist
 
 
-def _sort_keys(dist: torch.Tensor, rev_index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def _sort_keys(dist: torch.Tensor, index: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """int64 keys in the oracle's order: nearer first, the larger index first among equal distances.
 
-    `dist >= 0`, so its float bits order like the floats; `rev_index = _LOW32 - index`; `ok` False: last."""
-    key = (dist.view(torch.int32).long() << 32).bitwise_or_(rev_index)
+    `dist >= 0`, so its float bits order like the floats: they fill the high 32 bits, `2^32 - 1 - index` the low ones
+    (`0 <= index < 2^32`). Written without a 32-bit mask constant: compiled for CUDA, such a literal next to a 32-bit
+    index variable fails in Triton ("out of range for type int32"). `ok` False: last."""
+    key = dist.view(torch.int32).long().add_(1).bitwise_left_shift_(32).sub_(index).sub_(1)
     return key.masked_fill_(~ok, _NO_KEY)
+
+
+def _key_index(key: torch.Tensor) -> torch.Tensor:
+    """The index held by a `_sort_keys` key."""
+    return (key >> 32).add_(1).bitwise_left_shift_(32).sub_(key).sub_(1)
 
 
 def _kth(kth_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance and index of K-th best candidates from their keys; `(inf, _NO_INDEX)` if missing."""
     missing = kth_key == _NO_KEY
     dist = (kth_key >> 32).to(torch.int32).view(torch.float32).masked_fill(missing, float("inf"))
-    return dist, (_LOW32 - (kth_key & _LOW32)).masked_fill(missing, _NO_INDEX)
+    return dist, _key_index(kth_key).masked_fill_(missing, _NO_INDEX)
 
 
 def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,7 @@ class _Search:
             best = self.best[part].sort(dim=1).values
             valid[part] = best != _NO_KEY
             own = self.position(torch.arange(part.start, part.stop, device=best.device)).unsqueeze(1)
-            indices[part] = torch.where(valid[part], _LOW32 - (best & _LOW32), own)
+            indices[part] = torch.where(valid[part], _key_index(best), own)
         shape = (self.batch, self.heads, self.num_new, self.best.shape[1])
         return indices.view(shape).permute(0, 2, 1, 3), valid.view(shape).permute(0, 2, 1, 3)
 
@@ -184,7 +190,7 @@ def _dense_search(search: _Search) -> None:
         leaf = torch.arange(part.start, part.stop, device=keys.device).view(-1, 1, 1) + first  # (c, 1, 1)
         index = (leaf - _PREVIOUS) * _LEAF + steps  # (c, 1, span)
         g = leaf * _LEAF + torch.arange(_LEAF, device=keys.device).view(-1, 1)  # (c, L, 1)
-        cand = _sort_keys(dist, _LOW32 - index, key_ok[:, part].unsqueeze(2) & (index <= g))  # (R,c,L,span)
+        cand = _sort_keys(dist, index, key_ok[:, part].unsqueeze(2) & (index <= g))  # (R,c,L,span)
         if span < width:  # fewer dense slots than neighbours: pad (F.pad's float value cannot hold _NO_KEY)
             cand = torch.cat([cand, cand.new_full((*cand.shape[:-1], width - span), _NO_KEY)], dim=-1)
         top = cand.topk(width, dim=-1, largest=False, sorted=False).values.flatten(1, 2)  # (R, c·L, K')
@@ -214,7 +220,7 @@ class _Level:
         self.size = size
         self.cols = [x0.flatten()] + [pos[..., c].gather(-1, order).flatten() for c in range(1, dim)]
         self.ok = ok.gather(-1, order).flatten()
-        self.rev = (_LOW32 - index).flatten()
+        self.index = index.flatten()
         self.max_left = index.cummax(-1).values.flatten()
         self.max_right = index.flip(-1).cummax(-1).values.flip(-1).flatten()
         block_id = torch.arange(ok.shape[0] * ok.shape[1], device=device).repeat_interleave(size)
@@ -273,13 +279,13 @@ class _Windows:
         offsets = torch.arange(step, device=rows.device)
         entry = torch.cat([(lo - step).unsqueeze(1) + offsets, hi.unsqueeze(1) + offsets], dim=1)  # (a, 2s)
         flat = self.base[rows].unsqueeze(1) + entry.clamp(0, size - 1)
-        rev = self.level.rev[flat]
+        index = self.level.index[flat]
         ok = (entry >= new_lo.unsqueeze(1)) & (entry < new_hi.unsqueeze(1)) & self.level.ok[flat]
-        ok &= rev > _LOW32 - self.covered[rows].unsqueeze(1)  # not already a dense candidate
+        ok &= index < self.covered[rows].unsqueeze(1)  # not already a dense candidate
         qid = self.qid[rows]
         query = [x[qid].unsqueeze(1) for x in self.search.query_cols]
         dist = _sq_dist(query, [col[flat] for col in self.level.cols])
-        self.search.merge(qid, _sort_keys(dist, rev, ok))
+        self.search.merge(qid, _sort_keys(dist, index, ok))
         self.lo[rows], self.hi[rows] = new_lo, new_hi
 
 
@@ -404,14 +410,14 @@ def causal_knn_scan(
         # later pass over a (B, H, N, T) result laid out like the cache's strides is several times slower)
         coords = [keys[..., c].contiguous().unsqueeze(2) for c in range(dim)]  # (B, H, 1, T) each
         dist = _sq_dist([query[..., c, None] for c in range(dim)], coords)
-        rev_index = torch.arange(_LOW32, _LOW32 - num_keys, -1, device=device)  # _LOW32 - index
-        key = _sort_keys(dist, rev_index, key_valid[:, :num_keys].view(batch, 1, 1, num_keys))  # (B, H, N, T)
+        index = torch.arange(num_keys, device=device)
+        key = _sort_keys(dist, index, key_valid[:, :num_keys].view(batch, 1, 1, num_keys))  # (B, H, N, T)
         if num_queries > 1:  # query i may not see the later new entities (for one query every key is earlier)
             later = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).triu_(1)
             key[..., query_offset:].masked_fill_(later, _NO_KEY)
         best = torch.topk(key, width, dim=-1, largest=False).values
         valid = best != _NO_KEY
-        chosen = (_LOW32 - (best & _LOW32)).masked_fill_(~valid, 0)
+        chosen = _key_index(best).masked_fill_(~valid, 0)
     return chosen.transpose(1, 2), valid.transpose(1, 2)
 
 
@@ -630,7 +636,7 @@ def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, b
     if real is not None:
         ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
     best = torch.topk(
-        _sort_keys(dist, _LOW32 - index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
+        _sort_keys(dist, index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
     ).values  # (B, H, K')
     kth_dist, _ = _kth(best[..., -1])
     # exact where the K-th found is nearer than every left-out box (trivially when nothing was left out)
@@ -638,7 +644,7 @@ def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, b
     if best.shape[-1] < min(num_neighbors, num_keys):
         settled = torch.zeros_like(settled)
     valid = best != _NO_KEY
-    found = (_LOW32 - (best & _LOW32)).masked_fill(~valid, 0)
+    found = _key_index(best).masked_fill_(~valid, 0)
     return found.unsqueeze(1), valid.unsqueeze(1), settled
 
 

@@ -8,7 +8,7 @@
 # Each stage has a time limit; a stage that fails or runs out leaves its log (and partial results) in OUT_DIR.
 set -u
 OUT=${1:-outputs/gpu_check}
-TRAIN_BUDGET_S=${2:-270}
+TRAIN_BUDGET_S=${2:-200}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,7 +27,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 stage benchmark 180 $PY scripts/benchmark.py --device cuda --lengths 1024,4096,16384,65536,262144,1048576 \
-    --train-max-length 262144 --decode-steps 64 --baseline-time-cap 30 --baseline-mem-cap 100 --out-dir "$OUT"
+    --train-max-length 262144 --decode-steps 32 --baseline-time-cap 30 --baseline-mem-cap 100 --out-dir "$OUT"
 tail -n 30 "$OUT/benchmark.log"
 
 stage compare $((TRAIN_BUDGET_S + 90)) $PY scripts/compare.py --preset gpu --contexts 256 --variants dfn llama \
