@@ -661,3 +661,12 @@ def test_config_round_trip_keeps_every_field(tmp_path):
     loaded = DFNConfig.from_pretrained(tmp_path)
     for field in (*CONFIGS["k1-noflow-nonorm-residual"], "dropout", "neighbor_search", "hidden_size", "pos_dim"):
         assert getattr(loaded, field) == getattr(config, field), field
+
+
+def test_an_accelerator_mixes_a_training_batch_in_one_chunk():
+    """On the CPU the neighbour mix runs in small chunks (fresh large buffers cost page faults); on an accelerator
+    every chunk costs kernel launches instead, so the GPU preset's 64 x 256 batch is mixed at once."""
+    import dfn.modeling_dfn as modeling
+
+    assert len(modeling.query_chunks(64, 256, torch.device("cpu"))) == 64
+    assert len(modeling.query_chunks(64, 256, torch.device("cuda"))) == 1
