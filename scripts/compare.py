@@ -298,18 +298,23 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"{meta['final_eval_blocks'] or 'all'} val blocks), {budget}, "
         f"tokens per batch ({meta['tokens_per_batch']}) and schedule for every run; seeds {meta['seeds']} "
         f"(extra seeds repeat {', '.join(TARGET_VARIANTS)}). "
-        f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context and seed.",
+        f"Losses in nats/byte; bpb = loss / ln 2; 'vs Llama' = val loss / Llama's at the same context and seed; "
+        "'lowest periodic' = the lowest of the evaluations during training (on a subset of val blocks; a run that "
+        "overfits ends above it).",
         "",
-        "| run | context | seed | params | steps | val loss (nats/byte) | val bpb | vs Llama | tokens/s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | context | seed | params | steps | val loss (nats/byte) | val bpb | vs Llama | lowest periodic (step) "
+        "| tokens/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     llama = {(r["context"], r["seed"]): r["val_loss"] for r in results if r["run"] == "llama"}
     for r in results:
         key = (r["context"], r["seed"])
         ratio = f"{r['val_loss'] / llama[key]:.3f}" if key in llama else "–"
+        lowest = min(r["curve"], key=lambda point: point[2]) if r["curve"] else None
+        lowest = f"{lowest[2]:.4f} ({lowest[0]})" if lowest else "–"
         lines.append(
             f"| {r['run']} | {r['context']} | {r['seed']} | {r['parameters']:,} | {r['steps']} | {r['val_loss']:.4f} "
-            f"| {r['val_bpb']:.3f} | {ratio} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
+            f"| {r['val_bpb']:.3f} | {ratio} | {lowest} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |"
         )
     lines.append("")
     losses = {}
