@@ -208,10 +208,11 @@ def kernel_average_reference(queries, features, inv_two_var, indices, valid, pos
 
 
 def sparse_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
-    """`torch.sparse_csr_tensor` without its one-time beta warning; no invariant checks (indices are in range by
-    construction)."""
+    """`torch.sparse_csr_tensor` without its one-time warnings (beta support; invariant checks off, which CUDA builds
+    announce); no invariant checks (indices are in range by construction)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        for message in ("Sparse CSR tensor support is in beta", "Sparse invariant checks are implicitly disabled"):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 

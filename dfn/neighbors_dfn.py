@@ -78,6 +78,9 @@ _NO_INDEX = 1 << 40  # index of a missing K-th neighbour: above every real index
 # "auto" uses the oracle up to this many (query, key) pairs (measured crossover, 16 x 4 rows: oracle 8.5 ms vs fast
 # 10.1 ms at 64 x 64, 36.8 vs 19.5 ms at 128 x 128, 86.8 vs 42.6 ms at 256 x 256)
 _REFERENCE_MAX_PAIRS = 64 * 64
+# the same on an accelerator, where the oracle's few large batched kernels beat the fast search's many small ones and
+# host syncs up to about a training context (its largest buffer: B·H·128·T floats per query chunk)
+_ACCELERATOR_REFERENCE_MAX_PAIRS = 1024 * 1024
 
 
 def _sq_dist(query: list, key: list) -> torch.Tensor:
@@ -654,6 +657,11 @@ def searches_box_tree(boxes: BlockBoxes | None, num_queries: int) -> bool:
     return num_queries == 1 and boxes is not None and boxes.num_blocks > _SCAN_MAX_BLOCKS
 
 
+def reference_max_pairs(device: torch.device) -> int:
+    """The most (query, key) pairs for which `"auto"` runs the oracle on `device`."""
+    return _REFERENCE_MAX_PAIRS if device.type == "cpu" else _ACCELERATOR_REFERENCE_MAX_PAIRS
+
+
 def causal_knn(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
@@ -667,7 +675,8 @@ def causal_knn(
 
     `"reference"`: the brute-force oracle. `"fast"`: `causal_knn_fast`. `"auto"`: for a decoding step
     `causal_knn_blocks` over the cache's box tree past `_SCAN_MAX_BLOCKS` blocks (else `causal_knn_scan`, as for two
-    queries), the oracle for tiny problems, else the fast search."""
+    queries), the oracle for small problems (up to 64 x 64 pairs on the CPU, 1024 x 1024 on an accelerator), else
+    the fast search."""
     if method not in ("auto", "fast", "reference"):
         raise ValueError(f"unknown neighbour search {method!r}")
     num_queries = query_pos.shape[1]
@@ -677,7 +686,7 @@ def causal_knn(
         return causal_knn_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, boxes)
     if method == "auto" and num_queries <= 2:
         return causal_knn_scan(query_pos, key_pos, key_valid, num_neighbors, query_offset)
-    if method == "auto" and num_queries * (query_offset + num_queries) <= _REFERENCE_MAX_PAIRS:
+    if method == "auto" and num_queries * (query_offset + num_queries) <= reference_max_pairs(query_pos.device):
         return causal_knn_reference(query_pos, key_pos, key_valid, num_neighbors, query_offset)
     return causal_knn_fast(query_pos, key_pos, key_valid, num_neighbors, query_offset)
 

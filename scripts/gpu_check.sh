@@ -4,7 +4,8 @@
 # 1. the scaling benchmark on the GPU, 1k .. 1M bytes, alone on the GPU (its timings are reported);
 # 2. the GPU preset of the quality comparison (nanoGPT shakespeare_char: 6 layers, 384 wide, context 256, batch 64;
 #    DFN and Llama side by side, bf16), fitted into TRAIN_BUDGET_S seconds per run, in the background;
-# 3. meanwhile, CUDA correctness: tests/test_device.py (every check against the CPU) and compiled decoding on CUDA.
+# 3. meanwhile, CUDA correctness: tests/test_device.py (every check against the CPU) and compiled decoding on CUDA;
+# 4. then, alone on the GPU again, compiled decoding's latency at 1k and 128k context.
 # Each stage has a time limit; a stage that fails or runs out leaves its log (and partial results) in OUT_DIR.
 set -u
 OUT=${1:-outputs/gpu_check}
@@ -41,3 +42,9 @@ tail -n 5 "$OUT/test_compile.log"
 
 wait $train
 tail -n 20 "$OUT/compare.log"
+
+for context in 1024 131072; do
+    stage "decode_compiled_$context" 150 $PY scripts/benchmark.py --device cuda --compile-decoding --decode-steps 64 \
+        --worker "{\"kind\": \"dfn\", \"mode\": \"decode\", \"length\": $context}"
+    tail -n 1 "$OUT/decode_compiled_$context.log"
+done

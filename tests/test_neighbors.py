@@ -307,6 +307,21 @@ def test_dispatch():
         causal_knn(pos, pos, key_valid, 8, 0, "approximate")
 
 
+def test_auto_dispatch_runs_the_oracle_up_to_a_training_context_on_an_accelerator(monkeypatch):
+    """The oracle's few batched kernels against the fast search's many small ones and host syncs: the CPU keeps the
+    fast search from 64 x 64 pairs, an accelerator runs the oracle up to 1024 x 1024 (a 256-byte context included)."""
+    assert nd.reference_max_pairs(torch.device("cpu")) == 64 * 64
+    assert nd.reference_max_pairs(torch.device("cuda")) == 1024 * 1024
+    calls = []
+    monkeypatch.setattr(nd, "causal_knn_reference", lambda *args: calls.append("reference"))
+    monkeypatch.setattr(nd, "causal_knn_fast", lambda *args: calls.append("fast"))
+    monkeypatch.setattr(nd, "reference_max_pairs", lambda device: 256 * 256)  # as on an accelerator
+    pos, key_valid = layout("time", 1, 256, 2, 2), masks(256)
+    nd.causal_knn(pos, pos, key_valid, 8)
+    nd.causal_knn(layout("time", 1, 257, 2, 2), layout("time", 1, 257, 2, 2), masks(257), 8)
+    assert calls == ["reference", "fast"]
+
+
 def test_fast_handles_empty_and_degenerate_inputs():
     pos = torch.zeros(1, 0, 2, 2)
     idx, valid = causal_knn_fast(pos, pos, torch.ones(1, 0, dtype=torch.bool), 4)
