@@ -4,6 +4,7 @@ from transformers import PreTrainedConfig
 
 LAYER_VARIANTS = ("residual", "seed")
 NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
+MIX_KERNELS = ("torch", "triton")
 MLP_TYPES = ("swiglu", "gelu")
 # written into every saved config so that the Auto classes find the remote code of a checkpoint folder
 AUTO_MAP = {
@@ -51,6 +52,9 @@ class DFNConfig(PreTrainedConfig):
             `FlowNorm(MLP([s, y]))` without residual path).
         neighbor_search (`str`): "reference" (brute-force exact oracle, kernel mix differentiated by autograd: the
             test reference), "fast", or "auto" (the fastest exact search for each problem size).
+        mix_kernel (`str`, defaults to "torch"): the kernel mix where no gradient is needed (inference, decoding):
+            "torch" (PyTorch operations) or "triton" (one fused Triton kernel, `mix_triton.py`; on CUDA tensors when
+            Triton is installed, else the PyTorch path with a warning; compiled decoding keeps its own fused code).
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
         flownorm_eps (`float`): epsilon of FlowNorm.
     """
@@ -81,6 +85,7 @@ class DFNConfig(PreTrainedConfig):
         use_flownorm: bool = True,
         layer_variant: str = "residual",
         neighbor_search: str = "auto",
+        mix_kernel: str = "torch",
         initializer_range: float = 0.02,
         flownorm_eps: float = 1e-6,
         use_cache: bool = True,
@@ -111,6 +116,7 @@ class DFNConfig(PreTrainedConfig):
         self.use_flownorm = use_flownorm
         self.layer_variant = layer_variant
         self.neighbor_search = neighbor_search
+        self.mix_kernel = mix_kernel
         self.initializer_range = initializer_range
         self.flownorm_eps = flownorm_eps
         self.use_cache = use_cache
@@ -197,6 +203,8 @@ class DFNConfig(PreTrainedConfig):
             raise ValueError(
                 f"DFNConfig.neighbor_search must be one of {NEIGHBOR_SEARCHES}, got {self.neighbor_search!r}"
             )
+        if self.mix_kernel not in MIX_KERNELS:
+            raise ValueError(f"DFNConfig.mix_kernel must be one of {MIX_KERNELS}, got {self.mix_kernel!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):

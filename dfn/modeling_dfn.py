@@ -27,6 +27,7 @@ from transformers.utils import can_return_tuple, logging
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
 from .memory_dfn import initial_memory_state, memory_scan, squared_distance
+from .mix_triton import triton_available, triton_kernel_average
 from .neighbors_dfn import causal_knn, causal_knn_flat_blocks, flat_boxes, searches_box_tree
 
 logger = logging.get_logger(__name__)
@@ -509,7 +510,20 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         fused = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, features, inv_two_var))
         fused = fused and self.config.neighbor_search != "reference"
         mix = NeighborKernelAverage.apply if fused else kernel_average_reference
+        if not fused and self.config.mix_kernel == "triton" and self._triton_mix_runs(queries):
+            mix = triton_kernel_average
         return mix(queries, features, inv_two_var, indices, valid, self.pos_dim)
+
+    @staticmethod
+    def _triton_mix_runs(queries: torch.Tensor) -> bool:
+        """Whether `mix_kernel="triton"` can run here: CUDA tensors, Triton installed, eager (a compiled step fuses
+        the mix itself). Warns once where the PyTorch path stands in."""
+        if torch.compiler.is_compiling():
+            return False
+        if not (queries.is_cuda and triton_available()):
+            logger.warning_once('mix_kernel="triton" needs CUDA tensors and Triton installed: the PyTorch mix runs')
+            return False
+        return True
 
     def _memory_params(self) -> dict:
         return {

@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--num-neighbors", type=int, default=32)
+    parser.add_argument(
+        "--mix-kernel", default="torch", choices=["torch", "triton"], help="DFN's kernel mix without gradients"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--long-length", type=int, default=16384, help="from this length on: one warm-up call and one timed call"
@@ -92,6 +95,7 @@ def build_model(kind: str, args):
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_neighbors=args.num_neighbors,
+        mix_kernel=args.mix_kernel,
     )
     if kind == "dfn":
         return DFNForCausalLM(dfn_config)

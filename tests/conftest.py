@@ -7,13 +7,17 @@ and memory all matter and greedy decoding does not collapse to one repeated byte
 """
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dfn import DFNConfig, DFNForCausalLM
+if not torch.cuda.is_available():  # Triton kernels (where Triton is installed) run in its interpreter on CPU tensors;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # it must be set before anything imports triton
+
+from dfn import DFNConfig, DFNForCausalLM  # noqa: E402
 
 # The tensors here are tiny: one thread is many times faster than two on a shared 2-core machine.
 torch.set_num_threads(1)

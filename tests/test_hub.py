@@ -26,6 +26,7 @@ CODE_FILES = {
     "cache_dfn.py",
     "configuration_dfn.py",
     "memory_dfn.py",
+    "mix_triton.py",
     "modeling_dfn.py",
     "neighbors_dfn.py",
     "tokenization_dfn.py",

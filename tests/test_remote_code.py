@@ -22,6 +22,7 @@ CODE_FILES = [
     "configuration_dfn.py",
     "cache_dfn.py",
     "memory_dfn.py",
+    "mix_triton.py",
     "neighbors_dfn.py",
     "tokenization_dfn.py",
 ]
