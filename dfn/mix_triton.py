@@ -11,8 +11,6 @@ triton is first imported, runs the kernel on CPU tensors in Triton's interpreter
 GPU).
 """
 
-from __future__ import annotations
-
 import torch
 
 try:
