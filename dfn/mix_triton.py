@@ -29,9 +29,9 @@ if triton is not None:
     @triton.jit
     def kernel_average(
         queries,  # (R, k) float32, R = B·N·H rows
-        features,  # (B·T·H, F) float32 packed key rows: position (k), value (D), log weight (1)
+        features,  # float32 packed key rows of F = k + D + 1: position (k), value (D), log weight (1)
         inv_two_var,  # (H,) float32
-        key_rows,  # (R, K) int64: the neighbours' rows in `features`
+        key_offsets,  # (R, K) int64: where the neighbours' rows start in `features`
         valid,  # (R, K) int8
         mixed,  # (R, D) float32 out
         log_norm,  # (R,) float32 out
@@ -48,9 +48,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         slot = tl.arange(0, BLOCK_K)
         in_k = slot < num_neighbors
-        rows = tl.load(key_rows + row * num_neighbors + slot, mask=in_k, other=0)
+        base = tl.load(key_offsets + row * num_neighbors + slot, mask=in_k, other=0)
         ok = tl.load(valid + row * num_neighbors + slot, mask=in_k, other=0) != 0
-        base = rows * width  # (BLOCK_K,) offsets of the neighbours' packed rows
         dist2 = tl.zeros([BLOCK_K], dtype=tl.float32)
         for c in tl.static_range(POS_DIM):
             gap = tl.load(queries + row * POS_DIM + c) - tl.load(features + base + c, mask=in_k, other=0.0)
@@ -85,10 +84,15 @@ def triton_kernel_average(queries, features, inv_two_var, indices, valid, pos_di
         mixed values `(B, N, H, D)` and log-normalisers `(B, N, H)`, float32.
     """
     batch, length, heads, _ = queries.shape
-    num_keys, width = features.shape[1], features.shape[-1]
+    width = features.shape[-1]
     num_neighbors, head_dim = indices.shape[-1], width - pos_dim - 1
-    key_rows = indices * heads + torch.arange(heads, device=indices.device).view(1, 1, heads, 1)
-    key_rows = key_rows + (torch.arange(batch, device=indices.device) * (num_keys * heads)).view(batch, 1, 1, 1)
+    features = features.float()
+    if features.stride(-1) != 1:
+        features = features.contiguous()
+    # offsets through the strides: a decoding step's keys are a view of the cache's buffer, never copied
+    stride_b, stride_t, stride_h = features.stride()[:3]
+    key_offsets = indices * stride_t + (torch.arange(heads, device=indices.device) * stride_h).view(1, 1, heads, 1)
+    key_offsets = key_offsets + (torch.arange(batch, device=indices.device) * stride_b).view(batch, 1, 1, 1)
     mixed = queries.new_empty(batch, length, heads, head_dim, dtype=torch.float32)
     log_norm = queries.new_empty(batch, length, heads, dtype=torch.float32)
     rows = batch * length * heads
@@ -96,9 +100,9 @@ def triton_kernel_average(queries, features, inv_two_var, indices, valid, pos_di
         return mixed, log_norm
     kernel_average[(rows,)](
         queries.float().contiguous(),
-        features.float().contiguous(),
+        features,
         inv_two_var.float().contiguous(),
-        key_rows.contiguous(),
+        key_offsets.contiguous(),
         valid.to(torch.int8).contiguous(),
         mixed,
         log_norm,

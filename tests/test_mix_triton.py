@@ -30,10 +30,11 @@ def test_triton_kernel_average_equals_the_reference(
     triton_device, batch, length, keys, heads, pos_dim, head_dim, width
 ):
     """Neighbours picked by several queries, invalid slots, a query with none valid (the reference then averages its
-    slots uniformly), K and D that are not powers of two."""
+    slots uniformly), K and D that are not powers of two, keys that are a strided view."""
     generator = torch.Generator().manual_seed(length)
     queries = torch.randn(batch, length, heads, pos_dim, generator=generator)
-    features = torch.randn(batch, keys, heads, pos_dim + head_dim + 1, generator=generator)
+    # the first keys of a longer buffer, as a decoding step's view of the cache (not contiguous when batch > 1)
+    features = torch.randn(batch, keys + 3, heads, pos_dim + head_dim + 1, generator=generator)[:, :keys]
     inv_two_var = torch.rand(heads, generator=generator) + 0.2
     indices = torch.randint(0, keys, (batch, length, heads, width), generator=generator)
     valid = torch.rand(batch, length, heads, width, generator=generator) > 0.25
