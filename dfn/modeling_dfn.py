@@ -43,9 +43,11 @@ QUERY_CHUNK = 4096
 # forward; a 16 x 256 training step, d=128, 1.3 s -> 1.0 s once the chunk counted the batch too).
 NEIGHBOR_CHUNK = 256
 # the same on an accelerator, whose caching allocator reuses its blocks without page faults, while every chunk costs
-# a dozen kernel launches: a 64 x 256 training step of the GPU preset (6 layers) made 774 chunks with 256 (measured on
-# an H200: 0.9 s per step, 17.5k tokens/s against Llama's 432k). A chunk's buffers then take a few hundred MB.
-ACCELERATOR_NEIGHBOR_CHUNK = 1 << 16
+# a dozen kernel launches: a 64 x 256 training step of the GPU preset (6 layers) made 768 chunk passes with 256
+# (measured on an H200: 0.9 s per step, 17.5k tokens/s against Llama's 432k); with 8192 it makes 24. The largest
+# buffer is the gather of the path without gradients, (n, H, K, k + D + 1) floats: 0.84 GB for the GPU preset (H 6,
+# K 64, D 64), 0.28 GB for the benchmark's model (H 4, K 32, D 64). The training path gathers k + 1 per neighbour.
+ACCELERATOR_NEIGHBOR_CHUNK = 8192
 
 
 @dataclass
@@ -507,11 +509,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         its log-normaliser `(B, N, H)`."""
         # without gradients the gather path: it reads only the chosen keys, where the fused one copies every key's
         # position (O(T) per call: too much for a decoding step)
-        fused = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, features, inv_two_var))
-        fused = fused and self.config.neighbor_search != "reference"
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, features, inv_two_var))
+        fused = needs_grad and self.config.neighbor_search != "reference"
         mix = NeighborKernelAverage.apply if fused else kernel_average_reference
-        if not fused and self.config.mix_kernel == "triton" and self._triton_mix_runs(queries):
-            mix = triton_kernel_average
+        if not needs_grad and self.config.mix_kernel == "triton" and self._triton_mix_runs(queries):
+            mix = triton_kernel_average  # (it has no backward)
         return mix(queries, features, inv_two_var, indices, valid, self.pos_dim)
 
     @staticmethod

@@ -14,6 +14,7 @@ PNG. The baseline is skipped (and marked) where its predicted time or memory exc
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -192,6 +193,7 @@ def run_worker(spec: dict, args, argv: list[str]) -> dict:
     """Run one measurement in a fresh process on the CPU; in this one on a GPU (peak counters reset) and with --quick
     (memory figures are then process-wide)."""
     if args.device.startswith("cuda"):
+        gc.collect()  # the previous measurement's model, if a reference cycle holds it
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

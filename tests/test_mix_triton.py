@@ -9,6 +9,7 @@ import torch
 from conftest import make_model, max_diff, random_ids, tiny_config
 
 import dfn.mix_triton as mix_triton
+import dfn.modeling_dfn as modeling_dfn
 from dfn import DFNCache
 from dfn.modeling_dfn import DFNFlowLayer, kernel_average_reference
 
@@ -46,28 +47,37 @@ def test_triton_kernel_average_equals_the_reference(
         assert max_diff(a.cpu(), b) <= 1e-5
 
 
-def test_decoding_through_the_triton_mix_equals_the_full_pass(triton_device, monkeypatch):
+def test_decoding_through_the_triton_mix_equals_the_pytorch_full_pass(triton_device, monkeypatch):
     """A model with `mix_kernel="triton"`: its cached decoding steps mix through the kernel (counted) and give the
-    logits of the full pass, which mixes through PyTorch."""
+    logits of the same weights' full pass with the PyTorch mix; a training step never uses the kernel (it has no
+    backward), also with the reference search."""
     if not CUDA:  # the interpreter runs on CPU tensors, which the layer would otherwise hand to PyTorch
         monkeypatch.setattr(DFNFlowLayer, "_triton_mix_runs", staticmethod(lambda queries: True))
     calls = []
     kernel = mix_triton.triton_kernel_average
-    monkeypatch.setattr(
-        "dfn.modeling_dfn.triton_kernel_average", lambda *args: calls.append(1) or kernel(*args), raising=True
-    )
+    monkeypatch.setattr("dfn.modeling_dfn.triton_kernel_average", lambda *args: calls.append(1) or kernel(*args))
+    torch_model = make_model(tiny_config("k3-mem-residual")).to(triton_device)
     model = make_model(tiny_config("k3-mem-residual", mix_kernel="triton")).to(triton_device)
     ids = random_ids(2, 30, seed=3).to(triton_device)
     with torch.no_grad():
-        full = model(ids, use_cache=False).logits
+        full = torch_model(ids, use_cache=False).logits
         cache = DFNCache(model.config)
         model(ids[:, :20], cache=cache, use_cache=True)
         steps = torch.cat([model(ids[:, i : i + 1], cache=cache, use_cache=True).logits for i in range(20, 30)], 1)
-    assert calls and max_diff(steps, full[:, 20:]) <= 1e-4
+    assert len(calls) == 2 * 11 and max_diff(steps, full[:, 20:]) <= 1e-4  # 2 layers x (prefill + 10 steps)
+    for search in ("auto", "reference"):
+        model.config.neighbor_search = torch_model.config.neighbor_search = search
+        grads = []
+        for m in (model, torch_model):
+            m.zero_grad()
+            m(ids, labels=ids, use_cache=False).loss.backward()
+            grads.append(m.model.layers[0].value_proj.weight.grad)
+        assert len(calls) == 2 * 11 and max_diff(*grads) <= 1e-6, search
 
 
 def test_triton_mix_falls_back_to_pytorch_off_cuda(caplog):
     """Where the kernel cannot run (CPU tensors, or no Triton), the PyTorch mix runs, with a warning."""
+    modeling_dfn.logger.warning_once.cache_clear()  # warned once per process: an earlier fallback would hide it
     ids = random_ids(1, 12, seed=4)
     torch_model = make_model(tiny_config("k3-mem-residual"))
     triton_model = make_model(tiny_config("k3-mem-residual", mix_kernel="triton"))
