@@ -722,10 +722,9 @@ class DFNModel(DFNPreTrainedModel):
         entity_mask = self._entity_mask(attention_mask, cache, batch, length, inputs_embeds.device)
         if use_cache and cache is None:
             cache = DFNCache(self.config)
-        past_real = cache.real_lengths(batch, inputs_embeds.device) if cache is not None else 0
-        position_ids = entity_mask.long().cumsum(1).sub(1).clamp_min(0) + torch.as_tensor(
-            past_real, device=inputs_embeds.device
-        ).view(-1, 1)
+        position_ids = entity_mask.long().cumsum(1).sub(1).clamp_min(0)
+        if cache is not None:  # continue each row's count of real entities
+            position_ids = position_ids + cache.real_lengths(batch, inputs_embeds.device).view(-1, 1)
         key_mask = cache.append_mask(entity_mask) if cache is not None else entity_mask
 
         hidden_states = inputs_embeds

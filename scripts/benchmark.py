@@ -35,7 +35,12 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (0: torch's default)")
     parser.add_argument("--min-length", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=131072)
-    parser.add_argument("--lengths", default=None, help="comma-separated lengths (replaces the powers of two)")
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: sorted(int(n) for n in text.split(",")),
+        default=None,
+        help="comma-separated lengths (replaces the powers of two from --min-length to --max-length)",
+    )
     parser.add_argument("--train-max-length", type=int, default=16384, help="longest forward+backward measured")
     parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -78,8 +83,7 @@ def parse_args(argv=None):
         args.decode_contexts, args.decode_steps, args.repeats = "128,256", 4, 1
         args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
     if args.lengths:
-        lengths = sorted(int(n) for n in args.lengths.split(","))
-        args.min_length, args.max_length = lengths[0], lengths[-1]
+        args.min_length, args.max_length = args.lengths[0], args.lengths[-1]
     return args
 
 
@@ -225,10 +229,9 @@ def sweep(args, argv, partial: Path) -> dict:
     """Every measurement, the results so far rewritten to `partial` after each one (a run cut short keeps them)."""
     from tqdm import tqdm
 
-    if args.lengths:
-        lengths = sorted(int(n) for n in args.lengths.split(","))
-    else:
-        lengths = [2**p for p in range(int(math.log2(args.min_length)), int(math.log2(args.max_length)) + 1)]
+    lengths = args.lengths or [
+        2**p for p in range(int(math.log2(args.min_length)), int(math.log2(args.max_length)) + 1)
+    ]
     contexts = [int(c) for c in args.decode_contexts.split(",")]
     jobs = [
         (mode, n) for n in lengths for mode in ("forward", "train") if mode == "forward" or n <= args.train_max_length
