@@ -22,14 +22,56 @@ def cache_signature(config) -> dict:
     }
 
 
+class RowBuffer:
+    """Rows `(B, T, ...)` appended along dim 1 into a buffer that is compacted to the front, or doubled, only when
+    full: an append costs O(1) amortised instead of a copy of every kept row. `rows` is a view of the kept ones."""
+
+    def __init__(self, like: torch.Tensor):
+        """An empty buffer for rows like `like`'s, with room for them and a quarter more (so the decoding steps
+        after a prefill do not copy the whole context)."""
+        length = like.shape[1]
+        self.buffer = like.new_zeros(like.shape[0], max(64, length + length // 4), *like.shape[2:])
+        self.start = self.end = 0
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        count = new.shape[1]
+        if self.end + count > self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
+            kept, capacity = self.length, self.buffer.shape[1]
+            if 2 * (kept + count) > capacity:
+                capacity = max(kept + count, 2 * capacity)
+            grown = self.buffer.new_zeros(self.buffer.shape[0], capacity, *self.buffer.shape[2:])
+            grown[:, :kept] = self.buffer[:, self.start : self.end]
+            self.buffer, self.start, self.end = grown, 0, kept
+        self.buffer[:, self.end : self.end + count] = new.detach()
+        self.end += count
+        return self.rows
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.buffer[:, self.start : self.end]
+
+    def keep_last(self, count: int) -> None:
+        self.start = max(self.start, self.end - count)
+
+    def keep_first(self, count: int) -> None:
+        self.end = self.start + min(max(count, 0), self.length)
+
+    def apply(self, fn) -> None:
+        """Apply a batch-first `fn` (reorder, select or repeat sequences) to the whole buffer, headroom included."""
+        self.buffer = fn(self.buffer)
+
+
 class DFNCacheLayer(CacheLayerMixin):
     """One layer's cache.
 
     `features` `(B, T, H, F)` packs, per entity and head, the position after the layer's flow (what neighbours are
-    compared in), the value and the log influence weight: exactly what a neighbour lookup gathers. The entities live
-    in `buffer[:, start:end]`; appending compacts or doubles the buffer only when it is full, so one decoding step
-    costs O(1) amortised instead of a copy of the whole context. `trim(window)` drops all but the last `window`
-    entities (bounded mode). `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`); after
+    compared in), the value and the log influence weight: exactly what a neighbour lookup gathers. They live in a
+    `RowBuffer`, so one decoding step costs O(1) amortised instead of a copy of the whole context. `trim(window)`
+    drops all but the last `window` entities (bounded mode). `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`); after
     `crop` it is marked stale and the model rebuilds it exactly from the cached entities on the next forward.
     """
 
@@ -39,17 +81,13 @@ class DFNCacheLayer(CacheLayerMixin):
     def __init__(self, pos_dim: int):
         super().__init__()
         self.pos_dim = pos_dim
-        self.buffer: torch.Tensor | None = None
-        self.start = self.end = 0
+        self.entities: RowBuffer | None = None
         self.memory: dict | None = None
         self.memory_stale = False
         self.boxes: BlockBoxes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        batch, length, heads, features = key_states.shape
-        # headroom after a prefill, so that the first decoding steps do not copy the whole context
-        self.buffer = key_states.new_zeros(batch, max(64, length + length // 4), heads, features)
-        self.start = self.end = 0
+        self.entities = RowBuffer(key_states)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, key_valid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -57,24 +95,15 @@ class DFNCacheLayer(CacheLayerMixin):
         `key_valid` `(B, T + N)` marks the real entities among them (for the block boxes)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states)
-        count = key_states.shape[1]
-        if self.end + count > self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
-            kept, capacity = self.length, self.buffer.shape[1]
-            if 2 * (kept + count) > capacity:
-                capacity = max(kept + count, 2 * capacity)
-            grown = self.buffer.new_zeros(self.buffer.shape[0], capacity, *self.buffer.shape[2:])
-            grown[:, :kept] = self.buffer[:, self.start : self.end]
-            self.buffer, self.start, self.end = grown, 0, kept
-        self.buffer[:, self.end : self.end + count] = key_states.detach()
-        self.end += count
-        if self.start == 0:
+        self.entities.append(key_states)
+        if self.entities.start == 0:
             self._extend_boxes(key_valid)
         return self.features
 
     def _extend_boxes(self, key_valid: torch.Tensor) -> None:
         """Add the bounding boxes of newly completed blocks to the decoding search structure (`causal_knn_blocks`)."""
         done = 0 if self.boxes is None else self.boxes.num_blocks
-        complete = self.end // DECODE_BLOCK
+        complete = self.entities.end // DECODE_BLOCK
         if complete > done:
             if self.boxes is None:
                 self.boxes = BlockBoxes()
@@ -82,17 +111,17 @@ class DFNCacheLayer(CacheLayerMixin):
 
     def trim(self, window: int) -> None:
         """Keep only the last `window` entities (then at most `window` are searched: no block structure)."""
-        self.start = max(self.start, self.end - window)
-        if self.start:
+        self.entities.keep_last(window)
+        if self.entities.start:
             self.boxes = None
 
     @property
     def length(self) -> int:
-        return self.end - self.start
+        return 0 if self.entities is None else self.entities.length
 
     @property
     def features(self) -> torch.Tensor | None:
-        return None if self.buffer is None else self.buffer[:, self.start : self.end]
+        return None if self.entities is None else self.entities.rows
 
     @property
     def positions(self) -> torch.Tensor:
@@ -119,8 +148,7 @@ class DFNCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffer, self.memory, self.boxes = None, None, None
-        self.start = self.end = 0
+        self.entities, self.memory, self.boxes = None, None, None
         self.memory_stale = False
         self.is_initialized = False
 
@@ -133,7 +161,7 @@ class DFNCacheLayer(CacheLayerMixin):
         """Apply `fn` to every batch-first tensor this layer holds."""
         if not self.is_initialized:
             return
-        self.buffer = fn(self.buffer)
+        self.entities.apply(fn)
         if self.boxes is not None:
             self.boxes.apply(fn)
         if self.memory is not None:
@@ -154,9 +182,9 @@ class DFNCacheLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of entities to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self.end = max(self.end + tokens_to_remove, self.start)
+        self.entities.keep_first(self.length + tokens_to_remove)
         if self.boxes is not None:
-            self.boxes.crop(self.end // DECODE_BLOCK)
+            self.boxes.crop(self.entities.end // DECODE_BLOCK)
         if self.memory is not None:
             self.memory, self.memory_stale = None, True
 
@@ -182,9 +210,14 @@ class DFNCache(Cache):
             raise ValueError(f"DFNCache window must be None or an integer >= 1, got {window!r}")
         self.signature = cache_signature(config)
         self.window = window
-        self.entity_mask: torch.Tensor | None = None
+        self.mask_rows: RowBuffer | None = None
         self.real_seen: torch.Tensor | None = None
         self.seen = 0
+
+    @property
+    def entity_mask(self) -> torch.Tensor | None:
+        """`(B, T)` bool: which kept entities are real (not padding)."""
+        return None if self.mask_rows is None else self.mask_rows.rows
 
     @property
     def is_croppable(self) -> bool:
@@ -214,22 +247,25 @@ class DFNCache(Cache):
     def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""
         mask = mask.bool()
-        self.entity_mask = mask if self.entity_mask is None else torch.cat([self.entity_mask, mask], 1)
+        if self.mask_rows is None:
+            self.mask_rows = RowBuffer(mask)
+        self.mask_rows.append(mask)
         self.real_seen = mask.sum(1) if self.real_seen is None else self.real_seen + mask.sum(1)
         self.seen += mask.shape[1]
         return self.entity_mask
 
     def trim(self) -> None:
         """Bounded mode: drop all but the last `window` entities (called after each forward)."""
-        if self.window is None or self.entity_mask is None:
+        if self.window is None or self.mask_rows is None:
             return
-        self.entity_mask = self.entity_mask[:, -self.window :]
+        self.mask_rows.keep_last(self.window)
         for layer in self.layers:
             layer.trim(self.window)
 
     def _apply_rows(self, fn) -> None:
-        if self.entity_mask is not None:
-            self.entity_mask, self.real_seen = fn(self.entity_mask), fn(self.real_seen)
+        if self.mask_rows is not None:
+            self.mask_rows.apply(fn)
+            self.real_seen = fn(self.real_seen)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -250,11 +286,12 @@ class DFNCache(Cache):
         if tokens_to_remove < 0 and self.entity_mask is not None:
             keep = max(self.seen + tokens_to_remove, 0)
             self.real_seen = self.real_seen - self.entity_mask[:, keep:].sum(1)
-            self.entity_mask, self.seen = self.entity_mask[:, :keep], keep
+            self.mask_rows.keep_first(keep)
+            self.seen = keep
 
     def reset(self):
         super().reset()
-        self.entity_mask = self.real_seen = None
+        self.mask_rows = self.real_seen = None
         self.seen = 0
 
 

@@ -143,6 +143,21 @@ def timed(fn, device, repeats: int, long_run: bool, cold_cap: float) -> dict:
     return {"seconds": times[len(times) // 2], "first_call_seconds": first}
 
 
+def weight_pass_ms(model, device, passes: int = 32) -> float:
+    """Median milliseconds of one matrix-vector product with every `nn.Linear` weight of `model`, each read once:
+    what a decoding step of one token spends at least on its matrix products (a floor set by memory bandwidth and
+    cache size, not by the architecture)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype, device=device) for w in weights]
+
+    def one_pass():
+        for x, w in zip(inputs, weights, strict=True):
+            torch.nn.functional.linear(x, w)
+
+    one_pass()
+    return 1000 * sorted(wall_seconds(one_pass, device) for _ in range(passes))[passes // 2]
+
+
 def worker(spec: dict, args) -> dict:
     """One measurement in this (fresh) process: `spec` = {kind, mode: "forward"|"train"|"decode", length}."""
     torch.manual_seed(0)
@@ -189,6 +204,7 @@ def worker(spec: dict, args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             result["ms_per_token"] = 1000 * (time.perf_counter() - start) / args.decode_steps
+            result["weight_pass_ms"] = weight_pass_ms(model, device)
     result.update(peak_memory(device))
     return result
 
@@ -315,6 +331,10 @@ def print_report(results: dict, env: dict, args) -> dict:
             print(
                 f"{mode:8} {n:>8} {show(d, key, unit):>12} {show(b, key, unit):>12} {ratio:>10} {mem_d:>9} {mem_b:>9}"
             )
+    for kind, name in (("dfn", "DFN"), ("llama", "Llama")):
+        floors = [f"{n}: {r['weight_pass_ms']:.3g}" for n, r in results[kind]["decode"].items() if "weight_pass_ms" in r]
+        if floors:
+            print(f"{name} decoding floor, one product with each weight matrix (ms): " + ", ".join(floors))
     if any(r.get("cold") for kind in results.values() for mode in kind.values() for r in mode.values()):
         print("(* a single cold call: its warm-up call passed --cold-cap, so it includes first-touch page faults)")
     exponents = {}
