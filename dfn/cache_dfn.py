@@ -71,8 +71,9 @@ class DFNCacheLayer(CacheLayerMixin):
     `features` `(B, T, H, F)` packs, per entity and head, the position after the layer's flow (what neighbours are
     compared in), the value and the log influence weight: exactly what a neighbour lookup gathers. They live in a
     `RowBuffer`, so one decoding step costs O(1) amortised instead of a copy of the whole context. `trim(window)`
-    drops all but the last `window` entities (bounded mode). `memory` is the field-memory state (a dict of tensors, see `memory_dfn.py`); after
-    `crop` it is marked stale and the model rebuilds it exactly from the cached entities on the next forward.
+    drops all but the last `window` entities (bounded mode). `memory` is the field-memory state (a dict of tensors,
+    see `memory_dfn.py`); after `crop` it is marked stale and the model rebuilds it exactly from the cached entities
+    on the next forward.
     """
 
     is_croppable = True

@@ -205,11 +205,17 @@ class DFNConfig(PreTrainedConfig):
             )
         if self.mix_kernel not in MIX_KERNELS:
             raise ValueError(f"DFNConfig.mix_kernel must be one of {MIX_KERNELS}, got {self.mix_kernel!r}")
+
+        def token_id(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.vocab_size
+
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+            ids = value if name == "eos_token_id" and isinstance(value, list) and value else [value]
+            if value is not None and not all(token_id(v) for v in ids):
+                allowed = "None, an id or a non-empty list of ids" if name == "eos_token_id" else "None or an id"
                 raise ValueError(
-                    f"DFNConfig.{name} must be None or in [0, vocab_size={self.vocab_size}), got {value!r}"
+                    f"DFNConfig.{name} must be {allowed} in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )
 
 

@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_dfn import DFNCache
 from .configuration_dfn import DFNConfig
@@ -575,6 +576,18 @@ def _compiled_step(options: tuple) -> tuple:
     return tuple(torch.compile(step, **kwargs) for step in steps)
 
 
+def check_call(cache, kwargs: dict) -> None:
+    """Reject what a forward of a DFN model cannot honour, instead of ignoring it: a cache of another class, and
+    explicit `position_ids` (each entity's time comes from `attention_mask`: real entities are counted)."""
+    if cache is not None and not isinstance(cache, DFNCache):
+        raise ValueError(f"A DFN model needs a DFNCache (or None, and one is made), got {type(cache).__name__}")
+    if kwargs.get("position_ids") is not None:
+        raise ValueError(
+            "DFN takes no position_ids: each entity's time is its count of real entities in attention_mask. Give "
+            "packed documents their own rows (or padding) instead."
+        )
+
+
 class DFNPreTrainedModel(PreTrainedModel):
     config_class = DFNConfig
     config: DFNConfig
@@ -615,6 +628,15 @@ class DFNPreTrainedModel(PreTrainedModel):
                 f"{sorted(info['missing_keys'])[:10]} (incompatible or incomplete checkpoint)"
             )
         return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, after checking the config (changed in place since the model was
+        made, e.g. by `resize_token_embeddings`) so that what is saved also loads."""
+        try:
+            self.config._validate_dfn()
+        except ValueError as error:
+            raise ValueError(f"Not saved: this model's config would not load again. {error}") from error
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def compile_decoding(self, **compile_options):
         """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
@@ -686,6 +708,7 @@ class DFNModel(DFNPreTrainedModel):
         return torch.cat([time.unsqueeze(-1), rest], dim=-1)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -708,6 +731,7 @@ class DFNModel(DFNPreTrainedModel):
             use_cache (`bool`): return a `DFNCache` (a new one if none was given).
             output_positions (`bool`): return the entity positions entering and leaving each layer.
         """
+        check_call(cache, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -814,6 +838,17 @@ class DFNModel(DFNPreTrainedModel):
         return new
 
 
+def _kept_entities(logits_to_keep) -> slice | torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return slice(-logits_to_keep, None)
+    if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
+        raise ValueError(
+            f"logits_to_keep must be an int or a 1-D integer tensor of entity indices, got a {logits_to_keep.dtype} "
+            f"tensor of shape {tuple(logits_to_keep.shape)}"
+        )
+    return logits_to_keep
+
+
 class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
     """DFN with a language-modelling head (tied to the byte embeddings by default)."""
 
@@ -848,6 +883,7 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -858,14 +894,16 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_positions: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> DFNCausalLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): next-byte targets (shifted inside);
             -100 is ignored. `num_items_in_batch` (from Trainer) is honoured.
-        logits_to_keep (`int`): compute logits for the last `logits_to_keep` entities only (0 = all).
+        logits_to_keep (`int` or `torch.Tensor`): an int computes logits for the last `logits_to_keep` entities only
+            (0 = all); a 1-D tensor of entity indices, for those entities.
         """
+        check_call(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -876,8 +914,9 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
             output_positions=output_positions,
         )
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
+        keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
+        if keep_some:
+            hidden_states = hidden_states[:, _kept_entities(logits_to_keep)]
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
@@ -886,7 +925,7 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"labels must have shape (batch_size, sequence_length) = {expected}, got {tuple(labels.shape)}"
                 )
-            if logits_to_keep:
+            if keep_some:
                 raise ValueError("labels cannot be combined with logits_to_keep")
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return DFNCausalLMOutput(

@@ -332,7 +332,8 @@ def print_report(results: dict, env: dict, args) -> dict:
                 f"{mode:8} {n:>8} {show(d, key, unit):>12} {show(b, key, unit):>12} {ratio:>10} {mem_d:>9} {mem_b:>9}"
             )
     for kind, name in (("dfn", "DFN"), ("llama", "Llama")):
-        floors = [f"{n}: {r['weight_pass_ms']:.3g}" for n, r in results[kind]["decode"].items() if "weight_pass_ms" in r]
+        decode = results[kind]["decode"].items()
+        floors = [f"{n}: {r['weight_pass_ms']:.3g}" for n, r in decode if "weight_pass_ms" in r]
         if floors:
             print(f"{name} decoding floor, one product with each weight matrix (ms): " + ", ".join(floors))
     if any(r.get("cold") for kind in results.values() for mode in kind.values() for r in mode.values()):

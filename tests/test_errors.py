@@ -112,6 +112,45 @@ def test_labels_shape_mismatch(model, shape):
         model(random_ids(2, 6), labels=torch.zeros(shape, dtype=torch.long))
 
 
+def test_logits_to_keep_as_entity_indices(model):
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        full = model(ids).logits
+        kept = model(ids, logits_to_keep=torch.tensor([0, 4])).logits
+    torch.testing.assert_close(kept, full[:, [0, 4]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="logits_to_keep must be an int or a 1-D integer tensor"):
+        model(ids, logits_to_keep=torch.tensor([0.0, 4.0]))
+
+
+def test_position_ids_are_refused(model):
+    """DFN counts real entities for time: explicit position_ids (packed documents) would be silently ignored."""
+    ids = random_ids(1, 6)
+    for module in (model, model.model):
+        with pytest.raises(ValueError, match="DFN takes no position_ids"):
+            module(ids, position_ids=torch.arange(6).view(1, -1))
+
+
+def test_past_key_values_is_the_cache(model):
+    """The keyword Llama still takes (deprecated in 5.24) continues the cache, with a warning; it is not dropped."""
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        for module in (model, model.model):
+            cache = module(ids[:, :7], use_cache=True).cache
+            with pytest.warns(FutureWarning, match="past_key_values"):
+                out = module(ids[:, 7:], past_key_values=cache, use_cache=True)
+            assert out.cache.get_seq_length() == 10
+            if module is model:
+                torch.testing.assert_close(out.logits, full[:, 7:], rtol=0, atol=1e-5)
+
+
+def test_cache_of_another_class_is_refused(model):
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match="A DFN model needs a DFNCache .* got DynamicCache"):
+        model(random_ids(1, 4), cache=DynamicCache(), use_cache=True)
+
+
 def test_labels_with_logits_to_keep(model):
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match="labels cannot be combined with logits_to_keep"):
@@ -154,8 +193,10 @@ CONFIG_ERRORS = [
     ("use_flownorm", None, r"DFNConfig.use_flownorm must be True or False"),
     ("layer_variant", "plain", r"DFNConfig.layer_variant must be one of \('residual', 'seed'\), got 'plain'"),
     ("neighbor_search", "approx", r"DFNConfig.neighbor_search must be one of .*got 'approx'"),
-    ("pad_token_id", 259, r"DFNConfig.pad_token_id must be None or in \[0, vocab_size=259\)"),
-    ("eos_token_id", -1, r"DFNConfig.eos_token_id must be None or in \[0, vocab_size=259\)"),
+    ("pad_token_id", 259, r"DFNConfig.pad_token_id must be None or an id in \[0, vocab_size=259\)"),
+    ("eos_token_id", -1, r"DFNConfig.eos_token_id must be None, an id or a non-empty list of ids in \[0, vocab"),
+    ("eos_token_id", [258, 300], r"DFNConfig.eos_token_id must be None, an id or a non-empty list"),
+    ("eos_token_id", [], r"DFNConfig.eos_token_id must be None, an id or a non-empty list"),
 ]
 
 
@@ -185,6 +226,22 @@ def test_valid_config_edge_values_are_accepted():
         time_scale_max=0.5,
     )
     assert config.head_dim == 1
+
+
+def test_eos_token_id_list_round_trips(tmp_path):
+    config = tiny_config(eos_token_id=[258, 10])
+    config.save_pretrained(tmp_path)
+    assert DFNConfig.from_pretrained(tmp_path).eos_token_id == [258, 10]
+
+
+def test_config_broken_in_place_is_not_saved(tmp_path):
+    """resize_token_embeddings below the special ids would save a checkpoint that does not load: refused, nothing
+    written."""
+    model = make_model(tiny_config())
+    model.resize_token_embeddings(200)
+    with pytest.raises(ValueError, match=r"Not saved.*pad_token_id must be None or an id in \[0, vocab_size=200\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_invalid_config_in_saved_folder_is_rejected_at_load(tmp_path):
