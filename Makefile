@@ -23,7 +23,7 @@ lint: $(VENV_STAMP)
 	$(PY) -m ruff check dfn scripts tests
 
 bench: $(VENV_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py
+	HF_HUB_OFFLINE=1 $(PY) scripts/benchmark.py --overwrite  # refreshes outputs/benchmark
 
 clean:
 	rm -rf .venv outputs .pytest_cache

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from overwrite import refuse_overwrite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-time-cap", type=float, default=200.0, help="seconds per baseline call")
     parser.add_argument("--baseline-mem-cap", type=float, default=16.0, help="GiB per baseline measurement")
     parser.add_argument("--out-dir", default="outputs/benchmark")
+    parser.add_argument("--overwrite", action="store_true", help="replace benchmark.json and scaling.png there")
     parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -402,6 +404,7 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker), args)))
         return
     out_dir = Path(args.out_dir)
+    refuse_overwrite([out_dir / "benchmark.json", out_dir / "scaling.png"], args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = sweep(args, argv, out_dir / "benchmark.partial.json")
     env = environment(args)

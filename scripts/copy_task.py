@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
+from overwrite import refuse_overwrite  # noqa: E402
 
 MODELS = ("llama", "dfn", "dfn-query-flow", "dfn-query-flow-all")
 LETTERS = 26
@@ -184,6 +185,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out-dir", default="outputs/copy_task")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.string_length, args.batch_size, args.hidden_size = 4, 8, 4, 32
@@ -203,6 +205,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir)
+    refuse_overwrite([out], args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {train_lib.hardware_string()} torch_threads={torch.get_num_threads()}")
     print(f"command: {' '.join(sys.argv)}")

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from overwrite import check_writable_file, refuse_overwrite
 from tqdm.auto import tqdm
 
 from dfn.data import read_text_bytes, train_val_split
@@ -125,8 +126,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--segment", type=int, default=4096, help="bytes per call with --stream")
     parser.add_argument("--window", type=int, default=0, help="bounded cache of W entities with --stream (0: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
+    if args.json:
+        refuse_overwrite([args.json], args.overwrite)
+        check_writable_file(args.json)
 
     from transformers import AutoModelForCausalLM
 

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    base, out = Path(args.base).resolve(), Path(args.output_dir).resolve()
+    if out == base or out in base.parents or base in out.parents:
+        raise SystemExit(f"--output_dir {out} must not be the base checkpoint, inside it, or contain it ({base})")
     cfg = train_lib.make_config(
         None,
         dict(

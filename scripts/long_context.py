@@ -60,6 +60,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
+from overwrite import refuse_overwrite  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tinyshakespeare.txt"
@@ -686,6 +687,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out-dir", default="outputs/long_context")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and models of an earlier run there")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.train_length, args.batch_size, args.lengths = 24, 256, 4, "256,512"
@@ -717,6 +719,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
+    path = out_dir / (f"diagnosis_{diagnose_length(args)}.json" if args.diagnose_only else "long_context.json")
+    trained = [] if args.reuse else [out_dir / sub / name for name in args.models for sub in ("models", "runs")]
+    refuse_overwrite([path, *trained], args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print("machine: " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
@@ -724,7 +729,6 @@ def main(argv=None) -> dict:
     train_filler, eval_filler = Filler.split(DATA)
     report = {"meta": {**info, "args": {k: v for k, v in vars(args).items()}}, "models": {}, "diagnosis": {}}
     wall = time.perf_counter()
-    path = out_dir / (f"diagnosis_{diagnose_length(args)}.json" if args.diagnose_only else "long_context.json")
     for name in args.models:
         saved = out_dir / "models" / name
         if args.reuse and (saved / "train.json").exists():

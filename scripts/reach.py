@@ -30,6 +30,8 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from overwrite import check_writable_file, refuse_overwrite  # noqa: E402
+
 from dfn import DFNForCausalLM  # noqa: E402
 from dfn.data import read_text_bytes, train_val_split  # noqa: E402
 from dfn.modeling_dfn import gather_neighbors, kernel_weights  # noqa: E402
@@ -150,8 +152,12 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--skip", type=int, default=256, help="queries before this index are not counted")
     p.add_argument("--num-neighbors", type=int, default=32, help="K for attention models (DFN uses its own)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args(argv)
+    if args.json:
+        refuse_overwrite([args.json], args.overwrite)
+        check_writable_file(args.json)
     if not 0 <= args.skip < args.length:
         raise SystemExit(f"--skip must lie in [0, --length), got {args.skip}")
     ids = windows(args.text, args.split, args.length, args.windows)

@@ -24,6 +24,7 @@ The output folder holds the final model + tokenizer (loads with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`), `train_config.json` (the resolved
 config, also written into every `checkpoint-N/`), `log.csv`, `training_summary.json` and `loss_curve.png`.
 An existing non-empty `--output_dir` is refused unless `--resume` (continue it) or `--overwrite` (delete it first).
+`--resume PATH` from a checkpoint outside `--output_dir` starts afresh there: it must be empty, or `--overwrite`.
 Losses are in nats/byte; bits/byte (bpb) = loss / ln 2.
 """
 
@@ -609,7 +610,11 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> str | None:
             return last
         if not os.path.isdir(cfg.resume):
             raise FileNotFoundError(f"--resume: {cfg.resume} is not a checkpoint folder")
-        return cfg.resume
+        resume = Path(cfg.resume).resolve()
+        if out.resolve() in resume.parents:  # continuing this run
+            return cfg.resume
+        if resume == out.resolve() or resume in out.resolve().parents:
+            raise FileExistsError(f"--resume {cfg.resume} is or contains --output_dir: give a checkpoint-* folder")
     if non_empty:
         if not cfg.overwrite:
             raise FileExistsError(
@@ -617,7 +622,7 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool) -> str | None:
             )
         if is_main:
             shutil.rmtree(out)
-    return None
+    return cfg.resume or None
 
 
 def git_commit() -> str:

@@ -1,0 +1,62 @@
+"""Nothing a user saved is overwritten without being asked: every script that writes results refuses, before any
+work, to replace an existing file or a non-empty folder unless --overwrite (or writes beside them)."""
+
+import pytest
+from conftest import load_script
+
+MINE = '{"saved": "by the user"}'
+
+
+@pytest.mark.parametrize(
+    "script, taken, argv",
+    [
+        ("benchmark", "benchmark.json", ["--quick", "--out-dir", "{dir}"]),
+        ("copy_task", "copy_task.json", ["--quick", "--out-dir", "{dir}"]),
+        ("long_context", "long_context.json", ["--quick", "--out-dir", "{dir}"]),
+        ("long_context", "models/dfn/train.json", ["--quick", "--models", "dfn", "--out-dir", "{dir}"]),
+        ("evaluate", "scores.json", ["no-checkpoint", "no-text.txt", "--json", "{dir}/scores.json"]),
+        ("reach", "reach.json", ["no-checkpoint", "--json", "{dir}/reach.json"]),
+    ],
+    ids=["benchmark", "copy_task", "long_context", "long_context-models", "evaluate-json", "reach-json"],
+)
+def test_script_refuses_to_overwrite_results(tmp_path, script, taken, argv):
+    saved = tmp_path / taken
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(MINE)
+    with pytest.raises(SystemExit, match="Not overwriting .*pass --overwrite"):
+        load_script(script).main([a.format(dir=tmp_path) for a in argv])
+    assert saved.read_text() == MINE
+
+
+def test_json_into_a_missing_folder_is_refused_before_the_work(tmp_path):
+    with pytest.raises(SystemExit, match="the folder .* does not exist"):
+        load_script("evaluate").main(["no-checkpoint", "no-text.txt", "--json", str(tmp_path / "no" / "s.json")])
+
+
+@pytest.mark.parametrize("output", ["{base}", "{base}/adapter", "{parent}"])
+def test_lora_output_never_holds_the_base(tmp_path, output):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(MINE)
+    argv = ["--base", str(base), "--output_dir", output.format(base=base, parent=tmp_path), "--overwrite"]
+    with pytest.raises(SystemExit, match="must not be the base checkpoint, inside it, or contain it"):
+        load_script("finetune_lora").main(argv)
+    assert (base / "config.json").read_text() == MINE
+
+
+def test_train_resume_from_elsewhere_keeps_a_non_empty_output_dir(tmp_path):
+    """`--resume PATH` continues the run only when PATH is one of --output_dir's checkpoints; a checkpoint from
+    elsewhere starts a new run there, so another run's files in --output_dir are refused, not replaced."""
+    train = load_script("train")
+    checkpoint, other_run = tmp_path / "run-a" / "checkpoint-2", tmp_path / "run-b"
+    checkpoint.mkdir(parents=True)
+    other_run.mkdir()
+    (other_run / "model.safetensors").write_text(MINE)
+    cfg = train.TrainConfig(output_dir=str(other_run), resume=str(checkpoint))
+    with pytest.raises(FileExistsError, match="not empty: pass --overwrite"):
+        train.prepare_output_dir(cfg, is_main=True)
+    assert (other_run / "model.safetensors").read_text() == MINE
+    own = train.TrainConfig(output_dir=str(tmp_path / "run-a"), resume=str(checkpoint))
+    assert train.prepare_output_dir(own, is_main=True) == str(checkpoint)
+    fresh = train.TrainConfig(output_dir=str(tmp_path / "run-c"), resume=str(checkpoint))
+    assert train.prepare_output_dir(fresh, is_main=True) == str(checkpoint)
