@@ -1,5 +1,7 @@
 """Configuration of Dynamic Flow Networks (DFN)."""
 
+import math
+
 from transformers import PreTrainedConfig
 
 LAYER_VARIANTS = ("residual", "seed")
@@ -130,11 +132,17 @@ class DFNConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """As `PreTrainedConfig.from_dict`; a saved config without `mlp_type` predates the SwiGLU default and
-        describes a GELU MLP, so it loads as one (its weights have no `gate_proj`)."""
+        """As `PreTrainedConfig.from_dict`, but another model type is an error, and the result (with the keyword
+        overrides) is validated. A saved config without `mlp_type` predates the SwiGLU default and describes a GELU
+        MLP, so it loads as one (its weights have no `gate_proj`)."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"This config describes a {model_type!r} model, not DFN (model_type {cls.model_type!r})")
         if "mlp_type" not in config_dict and "mlp_type" not in kwargs:
             config_dict = {**config_dict, "mlp_type": "gelu"}
-        return super().from_dict(config_dict, **kwargs)
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._validate_dfn()  # kwargs were set after __init__
+        return loaded
 
     @property
     def head_dim(self) -> int:
@@ -148,8 +156,8 @@ class DFNConfig(PreTrainedConfig):
 
         def positive_float(name):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"DFNConfig.{name} must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"DFNConfig.{name} must be a finite number > 0, got {value!r}")
 
         for name in (
             "vocab_size",
@@ -190,7 +198,7 @@ class DFNConfig(PreTrainedConfig):
             raise ValueError(f"DFNConfig.flow_alpha_init must be a number in [0, 10], got {self.flow_alpha_init!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm"):
+        for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm", "use_cache", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DFNConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.use_query_flow and not self.use_flow:

@@ -687,6 +687,7 @@ class DFNModel(DFNPreTrainedModel):
     """The DFN backbone: byte embeddings, `num_hidden_layers` flow layers and a final FlowNorm."""
 
     def __init__(self, config: DFNConfig):
+        config._validate_dfn()  # fields may have been changed since the config was made
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DFNFlowLayer(config, i) for i in range(config.num_hidden_layers))
@@ -797,7 +798,11 @@ class DFNModel(DFNPreTrainedModel):
                 raise ValueError(
                     f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
                 )
-            return self.embed_tokens(input_ids)
+            return self.embed_tokens(input_ids.long())
+        if inputs_embeds.dtype != self.embed_tokens.weight.dtype:
+            raise ValueError(
+                f"inputs_embeds must have the model's dtype {self.embed_tokens.weight.dtype}, got {inputs_embeds.dtype}"
+            )
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape (batch_size, sequence_length, {self.config.hidden_size}), "
@@ -836,6 +841,15 @@ class DFNModel(DFNPreTrainedModel):
         if not bool(new.any()):
             raise ValueError("attention_mask marks every new entity as padding")
         return new
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Labels are integer ids in [0, vocab_size), or -100 where no loss is taken."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    wrong = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(wrong.any()):
+        raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100, got {int(labels[wrong][0])}")
 
 
 def _kept_entities(logits_to_keep) -> slice | torch.Tensor:
@@ -927,6 +941,7 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
                 )
             if keep_some:
                 raise ValueError("labels cannot be combined with logits_to_keep")
+            check_labels(labels, self.config.vocab_size)
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return DFNCausalLMOutput(
             loss=loss,

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from overwrite import refuse_overwrite
+from cli import non_negative_int, positive_int, refuse_overwrite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,20 +34,22 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (0: torch's default)")
-    parser.add_argument("--min-length", type=int, default=512)
-    parser.add_argument("--max-length", type=int, default=131072)
+    parser.add_argument("--min-length", type=positive_int, default=512)
+    parser.add_argument("--max-length", type=positive_int, default=131072)
     parser.add_argument(
         "--lengths",
         type=lambda text: sorted(int(n) for n in text.split(",")),
         default=None,
         help="comma-separated lengths (replaces the powers of two from --min-length to --max-length)",
     )
-    parser.add_argument("--train-max-length", type=int, default=16384, help="longest forward+backward measured")
+    parser.add_argument(
+        "--train-max-length", type=positive_int, default=16384, help="longest forward+backward measured"
+    )
     parser.add_argument("--decode-contexts", default="1024,8192,32768,131072")
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=positive_int, default=16)
     parser.add_argument(
         "--decode-flat-max",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="DFN decoding: blocks bounded all at once before the box-tree descent takes over (0: the library's)",
     )
@@ -56,16 +58,19 @@ def parse_args(argv=None):
         action="store_true",
         help="DFN decoding through `model.compile_decoding()` (torch.compile; the first 66 steps compile, untimed)",
     )
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--num-neighbors", type=int, default=32)
+    parser.add_argument("--hidden-size", type=positive_int, default=256)
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--num-neighbors", type=positive_int, default=32)
     parser.add_argument(
         "--mix-kernel", default="torch", choices=["torch", "triton"], help="DFN's kernel mix without gradients"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
-        "--long-length", type=int, default=16384, help="from this length on: one warm-up call and one timed call"
+        "--long-length",
+        type=positive_int,
+        default=16384,
+        help="from this length on: one warm-up call and one timed call",
     )
     parser.add_argument(
         "--cold-cap",

@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
+from cli import positive_int  # noqa: E402
 
 from dfn import DFNConfig, DFNForCausalLM  # noqa: E402
 from dfn.baselines import llama_intermediate_size  # noqa: E402
@@ -352,10 +353,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="= --preset quick (seconds; used by the tests)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="runs at a time, each in its own process (2 on a 2-core machine)"
+        "--jobs", type=positive_int, default=1, help="runs at a time, each in its own process (2 on a 2-core machine)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override the preset's contexts")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps")
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=None, help="override the preset's contexts")
     parser.add_argument(
         "--variants",
         nargs="+",

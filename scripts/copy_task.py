@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from overwrite import refuse_overwrite  # noqa: E402
+from cli import non_negative_int, positive_int, refuse_overwrite  # noqa: E402
 
 MODELS = ("llama", "dfn", "dfn-query-flow", "dfn-query-flow-all")
 LETTERS = 26
@@ -160,23 +160,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--string-length", type=int, default=48, help="S: letters before the copy (the longest S)")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--string-length", type=positive_int, default=48, help="S: letters before the copy (the longest S)")
     p.add_argument(
         "--min-string-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="draw S per example from [this, --string-length] (default: S fixed), so the copy's offset varies",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--geometry-lr-scale", type=float, default=train_lib.TrainConfig.geometry_lr_scale)
     train_lib.add_model_size_args(p, layers=2, num_neighbors=16, memory_slots=8)
-    p.add_argument("--eval-examples", type=int, default=256)
-    p.add_argument("--eval-neighbors", type=int, default=16, help="DFN models are also scored with this K (0: no)")
+    p.add_argument("--eval-examples", type=positive_int, default=256)
+    p.add_argument(
+        "--eval-neighbors", type=non_negative_int, default=16, help="DFN models are also scored with this K (0: no)"
+    )
     p.add_argument(
         "--eval-min-string-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="also score every model on S drawn from [this, --string-length] (after training on a fixed S: does it "
         "copy by content or by the fixed offset?)",

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
+from cli import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,10 +39,10 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=None, help="default: a fresh outputs/demo/<timestamp>/")
     parser.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the preset's 300 steps")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="override the preset's 300 steps")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--prompt", default="ROMEO:")
-    parser.add_argument("--sample-bytes", type=int, default=200)
+    parser.add_argument("--sample-bytes", type=positive_int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument(
         "--threads",

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from overwrite import check_writable_file, refuse_overwrite
+from cli import check_writable_file, non_negative_int, positive_int, refuse_overwrite
 from tqdm.auto import tqdm
 
 from dfn.data import read_text_bytes, train_val_split
@@ -119,12 +119,14 @@ def main(argv=None) -> dict:
         help="score the whole text, or only the first 90%% / last 10%% (nanoGPT split)",
     )
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-bytes", type=int, default=0, help="score only the first N bytes (0 = all)")
+    parser.add_argument("--block-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-bytes", type=non_negative_int, default=0, help="score only the first N bytes (0 = all)")
     parser.add_argument("--stream", action="store_true", help="score the text as one document through the cache")
-    parser.add_argument("--segment", type=int, default=4096, help="bytes per call with --stream")
-    parser.add_argument("--window", type=int, default=0, help="bounded cache of W entities with --stream (0: all)")
+    parser.add_argument("--segment", type=positive_int, default=4096, help="bytes per call with --stream")
+    parser.add_argument(
+        "--window", type=non_negative_int, default=0, help="bounded cache of W entities with --stream (0: all)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")

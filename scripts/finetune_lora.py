@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import train as train_lib  # noqa: E402  (scripts/train.py)
+from cli import non_negative_int, positive_int  # noqa: E402
 
 DFN_LORA_TARGETS = ["flow_proj", "influence_proj", "value_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -96,18 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", default=["data/war_and_peace_excerpt.txt"])
     p.add_argument("--output_dir", default="outputs/lora")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
+    p.add_argument("--r", type=positive_int, default=8)
+    p.add_argument("--alpha", type=positive_int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.0)
     p.add_argument("--target_modules", nargs="+", default=None, help="default: every adaptable projection")
-    p.add_argument("--block_size", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_steps", type=int, default=150)
+    p.add_argument("--block_size", type=positive_int, default=256)
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--max_steps", type=positive_int, default=150)
     p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--warmup_steps", type=int, default=15)
-    p.add_argument("--eval_steps", type=int, default=50)
-    p.add_argument("--eval_blocks", type=int, default=32)
-    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--warmup_steps", type=non_negative_int, default=15)
+    p.add_argument("--eval_steps", type=non_negative_int, default=50)
+    p.add_argument("--eval_blocks", type=non_negative_int, default=32)
+    p.add_argument("--logging_steps", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--merge", action="store_true", help="also save merge_and_unload() as a full model in merged/")
     p.add_argument("--quiet", action="store_true")

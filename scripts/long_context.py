@@ -60,7 +60,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from overwrite import refuse_overwrite  # noqa: E402
+from cli import non_negative_int, positive_int, refuse_overwrite  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tinyshakespeare.txt"
@@ -630,11 +630,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps, lengths 256/512 (< 1 min)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
-    p.add_argument("--steps", type=int, default=300, help="training steps per model")
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per model")
     p.add_argument("--lengths", default="1024,4096,16384,65536", help="evaluation context lengths (bytes)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fraction of the filler)")
-    p.add_argument("--train-length", type=int, default=1024, help="longest training sequence (<= 2048)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-length", type=positive_int, default=1024, help="longest training sequence (<= 2048)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument(
         "--geometry-lr-scale",
@@ -652,19 +652,23 @@ def parse_args(argv=None):
     train_lib.add_model_size_args(p)
     p.add_argument(
         "--train-neighbors",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="DFN models train with this many neighbour candidates and are read with --num-neighbors "
         "(0 = --num-neighbors; the longest training length = every earlier entity)",
     )
-    p.add_argument("--num-pairs", type=int, default=8, help="MQAR key-value pairs per example")
-    p.add_argument("--num-queries", type=int, default=4, help="MQAR queries per example")
-    p.add_argument("--eval-examples", type=int, default=8, help="examples per (task, length, depth) cell")
-    p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--segment", type=int, default=2048, help="bytes per forward call when streaming")
-    p.add_argument("--window", type=int, default=0, help="DFN bounded cache: keep the last W entities (0 = exact)")
+    p.add_argument("--num-pairs", type=positive_int, default=8, help="MQAR key-value pairs per example")
+    p.add_argument("--num-queries", type=positive_int, default=4, help="MQAR queries per example")
+    p.add_argument("--eval-examples", type=positive_int, default=8, help="examples per (task, length, depth) cell")
+    p.add_argument("--eval-batch", type=positive_int, default=8)
+    p.add_argument("--segment", type=positive_int, default=2048, help="bytes per forward call when streaming")
+    p.add_argument(
+        "--window", type=non_negative_int, default=0, help="DFN bounded cache: keep the last W entities (0 = exact)"
+    )
     p.add_argument("--eval-time-cap", type=float, default=300.0, help="seconds per (model, task, length) cell")
-    p.add_argument("--diagnose-length", type=int, default=0, help="diagnosis length (0 = largest eval length <= 4096)")
+    p.add_argument(
+        "--diagnose-length", type=non_negative_int, default=0, help="diagnosis length (0 = largest eval length <= 4096)"
+    )
     p.add_argument("--no-diagnose", action="store_true")
     p.add_argument(
         "--diagnose-only",

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overwrite import check_writable_file, refuse_overwrite  # noqa: E402
+from cli import check_writable_file, non_negative_int, positive_int, refuse_overwrite  # noqa: E402
 
 from dfn import DFNForCausalLM  # noqa: E402
 from dfn.data import read_text_bytes, train_val_split  # noqa: E402
@@ -148,10 +148,10 @@ def main(argv=None) -> dict:
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders (DFN or a Llama of scripts/compare.py)")
     p.add_argument("--text", default="data/tinyshakespeare.txt")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
-    p.add_argument("--length", type=int, default=2048, help="bytes per window")
-    p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--skip", type=int, default=256, help="queries before this index are not counted")
-    p.add_argument("--num-neighbors", type=int, default=32, help="K for attention models (DFN uses its own)")
+    p.add_argument("--length", type=positive_int, default=2048, help="bytes per window")
+    p.add_argument("--windows", type=positive_int, default=2)
+    p.add_argument("--skip", type=non_negative_int, default=256, help="queries before this index are not counted")
+    p.add_argument("--num-neighbors", type=positive_int, default=32, help="K for attention models (DFN uses its own)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args(argv)

@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 import torch  # noqa: E402
+from cli import positive_int  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -156,10 +157,35 @@ def make_config(preset: str | None = None, overrides: dict | None = None, model_
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
     cfg = TrainConfig(**values)
+    check_counts(cfg)
     cfg.model = {**cfg.model, **(model_overrides or {})}
     if cfg.model_type not in ("dfn", "llama"):
         raise ValueError(f"model_type must be 'dfn' or 'llama', got {cfg.model_type!r}")
     return cfg
+
+
+def check_counts(cfg: TrainConfig) -> None:
+    """Steps, sizes and rates that would otherwise mean something else (a negative max_steps trains an epoch)."""
+    for name, low in (
+        ("block_size", 1),
+        ("batch_size", 1),
+        ("grad_accum", 1),
+        ("max_steps", 1),
+        ("logging_steps", 1),
+        ("warmup_steps", 0),
+        ("eval_steps", 0),
+        ("eval_blocks", 0),
+        ("final_eval_blocks", 0),
+        ("save_steps", 0),
+        ("num_workers", 0),
+    ):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not cfg.learning_rate > 0 or not cfg.time_budget_s >= 0:
+        raise ValueError(
+            f"learning_rate must be > 0 and time_budget_s >= 0, got {cfg.learning_rate}, {cfg.time_budget_s}"
+        )
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -526,7 +552,7 @@ def add_model_size_args(parser: argparse.ArgumentParser, **defaults) -> None:
         ("--memory-chunk-size", 64),
     ):
         dest = flag[2:].replace("-", "_")
-        parser.add_argument(flag, type=int, default=defaults.get(dest, default))
+        parser.add_argument(flag, type=positive_int, default=defaults.get(dest, default))
     parser.add_argument(
         "--model",
         action="append",

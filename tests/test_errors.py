@@ -151,6 +151,31 @@ def test_cache_of_another_class_is_refused(model):
         model(random_ids(1, 4), cache=DynamicCache(), use_cache=True)
 
 
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.full((1, 6), 2.0), "labels must be an integer tensor, got torch.float32"),
+        (torch.full((1, 6), 300), r"labels must lie in \[0, vocab_size=259\) or be -100, got 300"),
+        (torch.full((1, 6), -5), r"labels must lie in \[0, vocab_size=259\) or be -100, got -5"),
+    ],
+    ids=["float", "above-vocab", "negative"],
+)
+def test_bad_label_values(model, labels, match):
+    with pytest.raises(ValueError, match=match):
+        model(random_ids(1, 6), labels=labels)
+
+
+def test_byte_ids_of_any_integer_dtype(model):
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.to(torch.uint8)).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_inputs_embeds_of_another_dtype(model):
+    with pytest.raises(ValueError, match="inputs_embeds must have the model's dtype torch.float32, got torch.float64"):
+        model(inputs_embeds=torch.zeros(1, 4, model.config.hidden_size, dtype=torch.float64))
+
+
 def test_labels_with_logits_to_keep(model):
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match="labels cannot be combined with logits_to_keep"):
@@ -175,19 +200,24 @@ CONFIG_ERRORS = [
     ("num_neighbors", True, r"DFNConfig.num_neighbors must be an integer"),
     ("memory_slots", 0, r"DFNConfig.memory_slots must be an integer >= 1"),
     ("memory_chunk_size", 0, r"DFNConfig.memory_chunk_size must be an integer >= 1"),
-    ("kernel_width_init", 0.0, r"DFNConfig.kernel_width_init must be a number > 0"),
-    ("kernel_width_init", float("nan"), r"DFNConfig.kernel_width_init must be a number > 0"),
-    ("mlp_ratio", -1.0, r"DFNConfig.mlp_ratio must be a number > 0"),
+    ("kernel_width_init", 0.0, r"DFNConfig.kernel_width_init must be a finite number > 0"),
+    ("kernel_width_init", float("nan"), r"DFNConfig.kernel_width_init must be a finite number > 0"),
+    ("mlp_ratio", -1.0, r"DFNConfig.mlp_ratio must be a finite number > 0"),
     ("mlp_type", "relu", r"DFNConfig.mlp_type must be one of \('swiglu', 'gelu'\), got 'relu'"),
-    ("initializer_range", 0, r"DFNConfig.initializer_range must be a number > 0"),
-    ("flownorm_eps", 0.0, r"DFNConfig.flownorm_eps must be a number > 0"),
+    ("initializer_range", 0, r"DFNConfig.initializer_range must be a finite number > 0"),
+    ("flownorm_eps", 0.0, r"DFNConfig.flownorm_eps must be a finite number > 0"),
     ("time_scale_min", 2.0, r"DFNConfig.time_scale_min \(2.0\) must be <= time_scale_max"),
-    ("time_scale_max", -1.0, r"DFNConfig.time_scale_max must be a number > 0"),
+    ("time_scale_max", -1.0, r"DFNConfig.time_scale_max must be a finite number > 0"),
     ("flow_alpha_init", -0.1, r"DFNConfig.flow_alpha_init must be a number in \[0, 10\]"),
     ("flow_alpha_init", "0.1", r"DFNConfig.flow_alpha_init must be a number"),
     ("dropout", 1.0, r"DFNConfig.dropout must be in \[0, 1\), got 1.0"),
     ("dropout", -0.1, r"DFNConfig.dropout must be in \[0, 1\)"),
+    ("kernel_width_init", float("inf"), r"DFNConfig.kernel_width_init must be a finite number > 0"),
+    ("time_scale_max", float("inf"), r"DFNConfig.time_scale_max must be a finite number > 0"),
     ("use_flow", "yes", r"DFNConfig.use_flow must be True or False"),
+    ("use_cache", "no", r"DFNConfig.use_cache must be True or False"),
+    ("tie_word_embeddings", "no", r"DFNConfig.tie_word_embeddings must be True or False"),
+    ("pad_token_id", True, r"DFNConfig.pad_token_id must be None or an id"),
     ("use_query_flow", 1, r"DFNConfig.use_query_flow must be True or False"),
     ("use_memory", 1, r"DFNConfig.use_memory must be True or False"),
     ("use_flownorm", None, r"DFNConfig.use_flownorm must be True or False"),
@@ -242,6 +272,29 @@ def test_config_broken_in_place_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=r"Not saved.*pad_token_id must be None or an id in \[0, vocab_size=200\)"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_config_overrides_at_load_are_validated(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DFNConfig.num_neighbors must be an integer >= 1, got 0"):
+        DFNConfig.from_pretrained(tmp_path, num_neighbors=0)
+
+
+def test_config_changed_in_place_is_checked_when_a_model_is_built():
+    config = tiny_config()
+    config.num_neighbors = -3
+    with pytest.raises(ValueError, match="DFNConfig.num_neighbors must be an integer >= 1, got -3"):
+        DFNForCausalLM(config)
+
+
+def test_checkpoint_of_another_model_type_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="describes a 'llama' model, not DFN"):
+        DFNForCausalLM.from_pretrained(tmp_path)
 
 
 def test_invalid_config_in_saved_folder_is_rejected_at_load(tmp_path):

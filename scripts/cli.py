@@ -1,8 +1,30 @@
-"""The rule every script follows before it writes results: nothing a user saved is replaced unless asked."""
+"""What every script shares on its command line: count arguments that reject nonsense, and the rule before writing
+results (nothing a user saved is replaced unless asked)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (steps, sizes, counts)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (where 0 means "none" or "all", as each flag's help says)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+    return value
 
 
 def refuse_overwrite(paths, overwrite: bool) -> None:

@@ -1,5 +1,6 @@
-"""Nothing a user saved is overwritten without being asked: every script that writes results refuses, before any
-work, to replace an existing file or a non-empty folder unless --overwrite (or writes beside them)."""
+"""The scripts' command lines: nonsense counts are refused with a message naming the flag, and nothing a user saved is
+overwritten without being asked (every script that writes results refuses, before any work, to replace an existing
+file or a non-empty folder unless --overwrite)."""
 
 import pytest
 from conftest import load_script
@@ -60,3 +61,31 @@ def test_train_resume_from_elsewhere_keeps_a_non_empty_output_dir(tmp_path):
     assert train.prepare_output_dir(own, is_main=True) == str(checkpoint)
     fresh = train.TrainConfig(output_dir=str(tmp_path / "run-c"), resume=str(checkpoint))
     assert train.prepare_output_dir(fresh, is_main=True) == str(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("evaluate", ["ckpt", "t.txt", "--batch-size", "0"]),
+        ("evaluate", ["ckpt", "t.txt", "--max-bytes", "-5"]),
+        ("compare", ["--steps", "0"]),
+        ("copy_task", ["--steps", "-3"]),
+        ("long_context", ["--eval-batch", "0"]),
+        ("benchmark", ["--repeats", "0"]),
+        ("reach", ["ckpt", "--windows", "x"]),
+        ("finetune_lora", ["--base", "b", "--max_steps", "-1"]),
+        ("demo", ["--max-steps", "0"]),
+    ],
+)
+def test_nonsense_counts_are_refused(script, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_script(script).main(argv)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "must be an integer >=" in error or "expected an integer, got 'x'" in error
+
+
+@pytest.mark.parametrize("field, value", [("max_steps", -5), ("max_steps", 0), ("batch_size", 0), ("eval_steps", -1)])
+def test_train_config_counts_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= "):
+        load_script("train").make_config(overrides={field: value})
