@@ -1,8 +1,13 @@
 """Configuration of Dynamic Flow Networks (DFN)."""
 
+import difflib
+import inspect
 import math
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 LAYER_VARIANTS = ("residual", "seed")
 NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
@@ -127,8 +132,21 @@ class DFNConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        self._warn_unknown(kwargs)
         super().__init__(**kwargs)
         self._validate_dfn()
+
+    @classmethod
+    def _warn_unknown(cls, kwargs: dict) -> None:
+        """Fields no config of the library knows are kept (as every config does) but read by nothing: a typo such as
+        `num_heads` would silently leave the default in place, so name them, with the field probably meant."""
+        fields = list(inspect.signature(cls.__init__).parameters)
+        base = set(vars(PreTrainedConfig())) | set(dir(PreTrainedConfig))
+        known = set(fields) | base | {"auto_map", "model_type", "transformers_version"}
+        for name in sorted(set(kwargs) - known):
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            logger.warning(f"DFNConfig got the unknown field {name!r}{hint}: it is stored, but DFN does not read it")
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -97,21 +97,27 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- models
 
 
-def build_model(kind: str, args):
-    """DFN, or the same-parameter-count Llama (sdpa)."""
-    from dfn import DFNConfig, DFNForCausalLM
-    from dfn.baselines import same_size_llama
+def dfn_config(args):
+    from dfn import DFNConfig
 
-    dfn_config = DFNConfig(
+    return DFNConfig(
         hidden_size=args.hidden_size,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_neighbors=args.num_neighbors,
         mix_kernel=args.mix_kernel,
     )
+
+
+def build_model(kind: str, args):
+    """DFN, or the same-parameter-count Llama (sdpa)."""
+    from dfn import DFNForCausalLM
+    from dfn.baselines import same_size_llama
+
+    config = dfn_config(args)
     if kind == "dfn":
-        return DFNForCausalLM(dfn_config)
-    return same_size_llama(dfn_config, max_position_embeddings=max(args.max_length, 4096) * 2)
+        return DFNForCausalLM(config)
+    return same_size_llama(config, max_position_embeddings=max(args.max_length, 4096) * 2)
 
 
 def peak_memory(device) -> dict:
@@ -408,6 +414,10 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args)))
         return
+    try:
+        dfn_config(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     out_dir = Path(args.out_dir)
     refuse_overwrite([out_dir / "benchmark.json", out_dir / "scaling.png"], args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +429,10 @@ def main(argv=None):
     (out_dir / "benchmark.partial.json").unlink()
     plot(results, out_dir / "scaling.png")
     print(f"\nwrote {out_dir / 'benchmark.json'} and {out_dir / 'scaling.png'}")
+    failed = [(kind, mode, n) for kind in results for mode in results[kind] for n, r in results[kind][mode].items()]
+    failed = [f"{kind} {mode} {n}" for kind, mode, n in failed if "error" in results[kind][mode][n]]
+    if failed:
+        raise SystemExit(f"{len(failed)} measurement(s) failed: {', '.join(failed)} (their errors are above)")
 
 
 if __name__ == "__main__":

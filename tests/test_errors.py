@@ -274,6 +274,21 @@ def test_config_broken_in_place_is_not_saved(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_config_field_is_named(tmp_path, caplog):
+    """A typo would leave the default silently in place: the field is kept (as in every config) but named."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        config = tiny_config(num_heads=8)
+    assert "unknown field 'num_heads' (did you mean 'num_attention_heads'?)" in caplog.text
+    assert config.num_heads == 8
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_model(tiny_config()).save_pretrained(tmp_path)
+        DFNForCausalLM.from_pretrained(tmp_path)
+    assert "unknown field" not in caplog.text
+
+
 def test_config_overrides_at_load_are_validated(tmp_path):
     tiny_config().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="DFNConfig.num_neighbors must be an integer >= 1, got 0"):
