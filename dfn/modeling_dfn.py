@@ -627,6 +627,12 @@ class DFNPreTrainedModel(PreTrainedModel):
                 f"The checkpoint {pretrained_model_name_or_path} lacks weights this {cls.__name__} needs: "
                 f"{sorted(info['missing_keys'])[:10]} (incompatible or incomplete checkpoint)"
             )
+        broken = [name for name, p in model.named_parameters() if p.is_floating_point() and not p.isfinite().all()]
+        if broken:
+            raise OSError(
+                f"The checkpoint {pretrained_model_name_or_path} has NaN or infinite weights in {broken[:10]} (a "
+                "diverged or corrupt checkpoint)"
+            )
         return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

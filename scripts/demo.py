@@ -134,8 +134,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(choose_threads(args.threads, cfg.model))
     try:
         summary = train_lib.train(cfg, command=command)
-    except FileExistsError as e:
-        raise SystemExit(f"error: {e}") from None
+    except FileExistsError:
+        raise SystemExit(
+            f"error: {output_dir} exists and is not empty: pass --overwrite to delete it first, or another --output-dir"
+        ) from None
     summary.pop("_trainer")
     if fresh:
         point_latest(output_dir)

@@ -437,3 +437,13 @@ def test_weights_file_missing_a_tensor_is_an_error(saved):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(OSError, match="memory_pos"):
         DFNForCausalLM.from_pretrained(saved)
+
+
+def test_weights_with_nan_are_an_error(saved):
+    path = saved / "model.safetensors"
+    state = load_file(path)
+    name = next(n for n in state if n.endswith("value_proj.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(OSError, match=rf"NaN or infinite weights in .*{name}"):
+        DFNForCausalLM.from_pretrained(saved)
