@@ -35,10 +35,12 @@ class RowBuffer:
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
         count = new.shape[1]
-        if self.end + count > self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
+        # the rows never fill the buffer exactly: a view of a whole buffer would make compiled decoding steps compile
+        # once more (several seconds in the middle of a generation)
+        if self.end + count >= self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
             kept, capacity = self.length, self.buffer.shape[1]
-            if 2 * (kept + count) > capacity:
-                capacity = max(kept + count, 2 * capacity)
+            if 2 * (kept + count) >= capacity:
+                capacity = max(kept + count + 1, 2 * capacity)
             grown = self.buffer.new_zeros(self.buffer.shape[0], capacity, *self.buffer.shape[2:])
             grown[:, :kept] = self.buffer[:, self.start : self.end]
             self.buffer, self.start, self.end = grown, 0, kept

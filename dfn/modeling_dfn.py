@@ -410,7 +410,9 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             neighbors, position_ids, entity_mask, memory,
         )  # fmt: skip
         if cache_layer is not None and memory is not None:
-            cache_layer.memory = {name: t.detach() for name, t in memory.items()}
+            # contiguous: a prefill leaves views of one packed tensor, a decoding step fresh tensors; one layout keeps
+            # compiled decoding steps from compiling again at the first memory commit
+            cache_layer.memory = {name: t.detach().contiguous() for name, t in memory.items()}
             cache_layer.memory_stale = False
         return hidden_states, positions
 

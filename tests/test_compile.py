@@ -55,3 +55,23 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     assert calls["project"] == calls["update"] == 2 * 25 and calls["flat search"] == 2 * 10
     compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled, eager)
+
+
+def test_compiled_decoding_compiles_nothing_more_after_warm_up():
+    """Memory commits and the cache buffer's growth keep every tensor's layout: a long generation never stops for
+    seconds to compile again (a prefill's memory state was a view, the buffer's rows once filled it exactly)."""
+    torch._dynamo.reset()
+    model = make_model(tiny_config("k3-mem-residual"))
+    chunk = model.config.memory_chunk_size
+    ids = random_ids(1, 6 * chunk + 70, seed=3)
+    with torch.no_grad():
+        cache = DFNCache(model.config)
+        model(ids[:, : 6 * chunk], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
+        model.compile_decoding()
+        for i in range(6 * chunk, 6 * chunk + 2):  # warm-up: before the first commit of a decoding step
+            model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for i in range(6 * chunk + 2, ids.shape[1]):  # commits, and the buffer (64 rows) grows
+            model(ids[:, i : i + 1], cache=cache, use_cache=True)
+    assert cache.layers[0].entities.buffer.shape[1] > 64
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
