@@ -132,18 +132,18 @@ class DFNConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        self._warn_unknown(kwargs)
         super().__init__(**kwargs)
+        self._warn_unknown(kwargs)
         self._validate_dfn()
 
-    @classmethod
-    def _warn_unknown(cls, kwargs: dict) -> None:
+    def _warn_unknown(self, kwargs: dict) -> None:
         """Fields no config of the library knows are kept (as every config does) but read by nothing: a typo such as
-        `num_heads` would silently leave the default in place, so name them, with the field probably meant."""
-        fields = list(inspect.signature(cls.__init__).parameters)
+        `num_heads` would silently leave the default in place, so name them, with the field probably meant. (What
+        `PreTrainedConfig` takes itself, such as `attn_implementation` or generation parameters, it pops: not kept.)"""
+        fields = list(inspect.signature(type(self).__init__).parameters)
         base = set(vars(PreTrainedConfig())) | set(dir(PreTrainedConfig))
         known = set(fields) | base | {"auto_map", "model_type", "transformers_version"}
-        for name in sorted(set(kwargs) - known):
+        for name in sorted(k for k in kwargs if k in self.__dict__ and k not in known):
             close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             logger.warning(f"DFNConfig got the unknown field {name!r}{hint}: it is stored, but DFN does not read it")

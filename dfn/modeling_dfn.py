@@ -10,6 +10,7 @@ D head_dim, E hidden_size, M memory slots.
 
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -629,7 +630,9 @@ class DFNPreTrainedModel(PreTrainedModel):
                 f"The checkpoint {pretrained_model_name_or_path} lacks weights this {cls.__name__} needs: "
                 f"{sorted(info['missing_keys'])[:10]} (incompatible or incomplete checkpoint)"
             )
-        broken = [name for name, p in model.named_parameters() if p.is_floating_point() and not p.isfinite().all()]
+        # (weights offloaded by a device_map stay on the meta device)
+        loaded = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.device.type != "meta"]
+        broken = [name for name, p in loaded if not p.isfinite().all()]
         if broken:
             raise OSError(
                 f"The checkpoint {pretrained_model_name_or_path} has NaN or infinite weights in {broken[:10]} (a "
@@ -861,8 +864,8 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
 
 
 def _kept_entities(logits_to_keep) -> slice | torch.Tensor:
-    if isinstance(logits_to_keep, int):
-        return slice(-logits_to_keep, None)
+    if isinstance(logits_to_keep, numbers.Integral):
+        return slice(-int(logits_to_keep), None)
     if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
         raise ValueError(
             f"logits_to_keep must be an int or a 1-D integer tensor of entity indices, got a {logits_to_keep.dtype} "
@@ -936,6 +939,9 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
             output_positions=output_positions,
         )
         hidden_states = outputs.last_hidden_state
+        logits_to_keep = 0 if logits_to_keep is None else logits_to_keep
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
+            logits_to_keep = int(logits_to_keep)
         keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
         if keep_some:
             hidden_states = hidden_states[:, _kept_entities(logits_to_keep)]

@@ -33,7 +33,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 if [[ " $PARTS " == *" main "* ]]; then
     stage benchmark 180 $PY scripts/benchmark.py --device cuda --lengths 1024,4096,16384,65536,262144,1048576 \
-        --train-max-length 262144 --decode-steps 32 --baseline-time-cap 30 --baseline-mem-cap 100 --out-dir "$OUT"
+        --train-max-length 262144 --decode-steps 32 --baseline-time-cap 30 --baseline-mem-cap 100 --out-dir "$OUT" --overwrite
     tail -n 30 "$OUT/benchmark.log"
 
     stage compare $((TRAIN_BUDGET_S + 90)) $PY scripts/compare.py --preset gpu --contexts 256 --variants dfn llama \

@@ -38,7 +38,8 @@ flow). For memory models a diagnosis traces, at the query position, how much ker
     python scripts/long_context.py --lengths 1024,4096,16384,65536 --window 4096
 
 Writes `<out-dir>/long_context.json` (also after each model), `<out-dir>/heatmap_<model>.png`, the trained models
-(`<out-dir>/models/<name>`, reused by `--reuse`) and prints the tables. Runs on one torch
+(`<out-dir>/models/<name>`, reused by `--reuse`, whose report and heat maps are named by their lengths:
+`long_context_reuse_1024-4096.json`) and prints the tables. Runs on one torch
 thread by default (`--threads`): on a shared 2-core machine that is several times faster than two.
 """
 
@@ -599,7 +600,7 @@ def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
             ax.set_ylabel("depth" if task == "passkey" else "depth bin of queried pair")
             ax.set_title(f"{name}: {task} exact match (per-digit)", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"heatmap_{name}.png"
+        path = out_dir / f"heatmap_{name}{run_tag(args)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(str(path))
@@ -718,12 +719,24 @@ def parse_args(argv=None):
     return args
 
 
+def run_tag(args) -> str:
+    """ "" for a run that trains; for a rerun of saved models (`--reuse`), a tag of its lengths, so its report and heat
+    maps sit beside the first run's instead of replacing them."""
+    return f"_reuse_{'-'.join(str(n) for n in args.lengths)}" if args.reuse else ""
+
+
+def report_name(args) -> str:
+    if args.diagnose_only:
+        return f"diagnosis_{diagnose_length(args)}.json"
+    return f"long_context{run_tag(args)}.json"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    path = out_dir / (f"diagnosis_{diagnose_length(args)}.json" if args.diagnose_only else "long_context.json")
+    path = out_dir / report_name(args)
     trained = [] if args.reuse else [out_dir / sub / name for name in args.models for sub in ("models", "runs")]
     refuse_overwrite([path, *trained], args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)

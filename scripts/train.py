@@ -24,7 +24,7 @@ The output folder holds the final model + tokenizer (loads with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`), `train_config.json` (the resolved
 config, also written into every `checkpoint-N/`), `log.csv`, `training_summary.json` and `loss_curve.png`.
 An existing non-empty `--output_dir` is refused unless `--resume` (continue it) or `--overwrite` (delete it first).
-`--resume PATH` from a checkpoint outside `--output_dir` starts afresh there: it must be empty, or `--overwrite`.
+`--resume PATH` outside `--output_dir` continues PATH's state into `--output_dir`: it must be empty, or `--overwrite`.
 Losses are in nats/byte; bits/byte (bpb) = loss / ln 2.
 """
 

@@ -46,8 +46,8 @@ def test_lora_output_never_holds_the_base(tmp_path, output):
 
 
 def test_train_resume_from_elsewhere_keeps_a_non_empty_output_dir(tmp_path):
-    """`--resume PATH` continues the run only when PATH is one of --output_dir's checkpoints; a checkpoint from
-    elsewhere starts a new run there, so another run's files in --output_dir are refused, not replaced."""
+    """`--resume PATH` from one of --output_dir's checkpoints continues that run there; from elsewhere it continues
+    PATH's state into --output_dir, so another run's files there are refused, not replaced."""
     train = load_script("train")
     checkpoint, other_run = tmp_path / "run-a" / "checkpoint-2", tmp_path / "run-b"
     checkpoint.mkdir(parents=True)

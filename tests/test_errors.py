@@ -118,6 +118,9 @@ def test_logits_to_keep_as_entity_indices(model):
         full = model(ids).logits
         kept = model(ids, logits_to_keep=torch.tensor([0, 4])).logits
     torch.testing.assert_close(kept, full[:, [0, 4]], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=None).logits, full, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, logits_to_keep=torch.tensor(2)).logits, full[:, -2:], rtol=0, atol=0)
     with pytest.raises(ValueError, match="logits_to_keep must be an int or a 1-D integer tensor"):
         model(ids, logits_to_keep=torch.tensor([0.0, 4.0]))
 
@@ -284,6 +287,9 @@ def test_unknown_config_field_is_named(tmp_path, caplog):
     assert config.num_heads == 8
     caplog.clear()
     with caplog.at_level(logging.WARNING):
+        tiny_config(attn_implementation="eager", max_length=20)  # taken (popped) by PreTrainedConfig itself
+    assert "unknown field" not in caplog.text
+    with caplog.at_level(logging.WARNING):
         make_model(tiny_config()).save_pretrained(tmp_path)
         DFNForCausalLM.from_pretrained(tmp_path)
     assert "unknown field" not in caplog.text
@@ -447,3 +453,11 @@ def test_weights_with_nan_are_an_error(saved):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(OSError, match=rf"NaN or infinite weights in .*{name}"):
         DFNForCausalLM.from_pretrained(saved)
+
+
+def test_weights_offloaded_to_disk_load(saved, tmp_path):
+    """The NaN check skips what device_map leaves on the meta device (offloaded), instead of failing on it."""
+    device_map = {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map |= {"model.norm": "cpu", "model.log_time_scale": "cpu"}
+    model = DFNForCausalLM.from_pretrained(saved, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert {p.device.type for p in model.parameters()} == {"cpu", "meta"}

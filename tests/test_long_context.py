@@ -199,3 +199,17 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
         assert config["num_neighbors"] == 8 and config["use_query_flow"] is query_flow
     per_layer = report["diagnosis"]["dfn"]["per_layer"]
     assert len(per_layer) == 2 and all(0 <= np.mean(row["needle_knn"]) <= 1 for row in per_layer)
+    # a rerun of the saved models at other lengths (--quick's) writes beside the first run's report, replacing nothing
+    first = (tmp_path / "long_context.json").read_text()
+    proc = subprocess.run(
+        [
+            sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path),
+            "--models", "dfn", "--reuse", "--no-diagnose",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "long_context.json").read_text() == first
+    rerun = json.loads((tmp_path / "long_context_reuse_256-512.json").read_text())
+    assert set(rerun["models"]["dfn"]["eval"]["passkey"]) == {"256", "512"}
+    assert (tmp_path / "heatmap_dfn_reuse_256-512.png").is_file()
