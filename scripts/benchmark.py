@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from cli import non_negative_int, positive_int, refuse_overwrite
+from cli import non_negative_int, positive_int, quick_defaults, refuse_overwrite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,13 +82,12 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-mem-cap", type=float, default=16.0, help="GiB per baseline measurement")
     parser.add_argument("--out-dir", default="outputs/benchmark")
     parser.add_argument("--overwrite", action="store_true", help="replace benchmark.json and scaling.png there")
-    parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny models and lengths (seconds); explicit flags win")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.min_length, args.max_length, args.train_max_length = 256, 512, 512
-        args.decode_contexts, args.decode_steps, args.repeats = "128,256", 4, 1
-        args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
+        quick_defaults(args, parser, min_length=256, max_length=512, train_max_length=512, decode_contexts="128,256")
+        quick_defaults(args, parser, decode_steps=4, repeats=1, hidden_size=32, layers=2, heads=2, num_neighbors=8)
     if args.lengths:
         args.min_length, args.max_length = args.lengths[0], args.lengths[-1]
     return args

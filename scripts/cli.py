@@ -27,6 +27,14 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def quick_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, **values) -> None:
+    """`--quick`'s small settings, for the flags the command line left at their defaults: a flag given explicitly
+    (`--quick --lengths 512`) keeps its value."""
+    for name, value in values.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+
+
 def refuse_overwrite(paths, overwrite: bool) -> None:
     """Stop with a message if any of `paths` already holds results (a file, or a folder that is not empty), unless
     `overwrite`. Scripts call it before any work, so a refused run costs nothing."""

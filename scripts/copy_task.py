@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from cli import non_negative_int, positive_int, refuse_overwrite  # noqa: E402
+from cli import non_negative_int, positive_int, quick_defaults, refuse_overwrite  # noqa: E402
 
 MODELS = ("llama", "dfn", "dfn-query-flow", "dfn-query-flow-all")
 LETTERS = 26
@@ -158,7 +158,7 @@ def plot(results: dict, path: Path, args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds); explicit flags win")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--string-length", type=positive_int, default=48, help="S: letters before the copy (the longest S)")
@@ -190,9 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.string_length, args.batch_size, args.hidden_size = 4, 8, 4, 32
-        args.num_neighbors, args.memory_slots, args.memory_chunk_size, args.eval_examples = 4, 2, 8, 8
-        args.eval_neighbors = 4
+        quick_defaults(args, p, steps=4, string_length=8, batch_size=4, hidden_size=32, num_neighbors=4)
+        quick_defaults(args, p, memory_slots=2, memory_chunk_size=8, eval_examples=8, eval_neighbors=4)
     for flag in ("min_string_length", "eval_min_string_length"):
         value = getattr(args, flag)
         if value is not None and not 2 <= value <= args.string_length:

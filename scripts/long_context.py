@@ -61,7 +61,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from cli import non_negative_int, positive_int, refuse_overwrite  # noqa: E402
+from cli import non_negative_int, positive_int, quick_defaults, refuse_overwrite  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tinyshakespeare.txt"
@@ -629,7 +629,9 @@ def machine_info() -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps, lengths 256/512 (< 1 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models, a few dozen steps, lengths 256/512 (< 1 min); flags win"
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
     p.add_argument("--steps", type=positive_int, default=300, help="training steps per model")
     p.add_argument("--lengths", default="1024,4096,16384,65536", help="evaluation context lengths (bytes)")
@@ -695,11 +697,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results and models of an earlier run there")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.train_length, args.batch_size, args.lengths = 24, 256, 4, "256,512"
-        args.depths, args.eval_examples, args.eval_batch = "0,0.5,1", 2, 2
-        args.hidden_size, args.layers, args.heads, args.num_neighbors = 32, 2, 2, 8
-        args.memory_slots, args.memory_chunk_size, args.num_pairs, args.num_queries = 4, 16, 4, 2
-        args.segment, args.eval_time_cap = 256, 60.0
+        quick_defaults(args, p, steps=24, train_length=256, batch_size=4, lengths="256,512", depths="0,0.5,1")
+        quick_defaults(args, p, eval_examples=2, eval_batch=2, hidden_size=32, layers=2, heads=2, num_neighbors=8)
+        quick_defaults(args, p, memory_slots=4, memory_chunk_size=16, num_pairs=4, num_queries=2, segment=256)
+        quick_defaults(args, p, eval_time_cap=60.0)
     args.reuse = args.reuse or args.diagnose_only
     if not 0 <= args.copy_fraction < 1:
         p.error("--copy-fraction must be in [0, 1)")

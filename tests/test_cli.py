@@ -89,3 +89,17 @@ def test_nonsense_counts_are_refused(script, argv, capsys):
 def test_train_config_counts_are_checked(field, value):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= "):
         load_script("train").make_config(overrides={field: value})
+
+
+@pytest.mark.parametrize(
+    "script, argv, name, value, quick_name, quick_value",
+    [
+        ("long_context", ["--quick", "--lengths", "512"], "lengths", [512], "steps", 24),
+        ("copy_task", ["--quick", "--steps", "2"], "steps", 2, "batch_size", 4),
+        ("benchmark", ["--quick", "--decode-steps", "7"], "decode_steps", 7, "repeats", 1),
+    ],
+)
+def test_quick_keeps_explicit_flags(script, argv, name, value, quick_name, quick_value):
+    """--quick shrinks what was left at its default, and no longer replaces a flag given on the command line."""
+    args = load_script(script).parse_args(argv)
+    assert getattr(args, name) == value and getattr(args, quick_name) == quick_value
