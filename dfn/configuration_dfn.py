@@ -1,6 +1,7 @@
 """Configuration of Dynamic Flow Networks (DFN)."""
 
 import difflib
+import functools
 import inspect
 import math
 
@@ -19,6 +20,12 @@ AUTO_MAP = {
     "AutoModel": "modeling_dfn.DFNModel",
     "AutoModelForCausalLM": "modeling_dfn.DFNForCausalLM",
 }
+
+
+@functools.cache
+def _library_fields() -> frozenset:
+    """What every config of the library has or takes (made once: a default `PreTrainedConfig` is not free)."""
+    return frozenset(vars(PreTrainedConfig())) | frozenset(dir(PreTrainedConfig)) | {"auto_map", "transformers_version"}
 
 
 class DFNConfig(PreTrainedConfig):
@@ -141,8 +148,7 @@ class DFNConfig(PreTrainedConfig):
         `num_heads` would silently leave the default in place, so name them, with the field probably meant. (What
         `PreTrainedConfig` takes itself, such as `attn_implementation` or generation parameters, it pops: not kept.)"""
         fields = list(inspect.signature(type(self).__init__).parameters)
-        base = set(vars(PreTrainedConfig())) | set(dir(PreTrainedConfig))
-        known = set(fields) | base | {"auto_map", "model_type", "transformers_version"}
+        known = set(fields) | _library_fields()
         for name in sorted(k for k in kwargs if k in self.__dict__ and k not in known):
             close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

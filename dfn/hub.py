@@ -355,10 +355,15 @@ def count_parameters(files: list[Path]) -> int:
 # assembling the repo folder
 
 
+def paths_overlap(a: Path, b: Path) -> bool:
+    """Whether the resolved folders `a` and `b` are the same, or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
 def prepare_out(out: str | os.PathLike, source: Path, overwrite: bool) -> Path:
     """Create (or, with `overwrite`, empty) the target folder; refuse a non-empty one or one that holds the source."""
     out = Path(out).expanduser().resolve()
-    if out == source or out in source.parents or source in out.parents:
+    if paths_overlap(out, source):
         raise HubError(f"--out {out} must not be the source folder, inside it, or contain it ({source})")
     if out.exists() and not out.is_dir():
         raise HubError(f"--out {out} exists and is not a folder")

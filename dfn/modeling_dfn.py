@@ -863,9 +863,13 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100, got {int(labels[wrong][0])}")
 
 
-def _kept_entities(logits_to_keep) -> slice | torch.Tensor:
-    if isinstance(logits_to_keep, numbers.Integral):
-        return slice(-int(logits_to_keep), None)
+def _kept_entities(logits_to_keep) -> slice | torch.Tensor | None:
+    """The entities whose logits `logits_to_keep` asks for: None for all (None or 0), the last n for an int (or a 0-d
+    tensor), else a 1-D tensor of indices."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
+        logits_to_keep = int(logits_to_keep)
+    if logits_to_keep is None or isinstance(logits_to_keep, numbers.Integral):
+        return slice(-int(logits_to_keep), None) if logits_to_keep else None
     if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
         raise ValueError(
             f"logits_to_keep must be an int or a 1-D integer tensor of entity indices, got a {logits_to_keep.dtype} "
@@ -939,12 +943,9 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
             output_positions=output_positions,
         )
         hidden_states = outputs.last_hidden_state
-        logits_to_keep = 0 if logits_to_keep is None else logits_to_keep
-        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
-            logits_to_keep = int(logits_to_keep)
-        keep_some = isinstance(logits_to_keep, torch.Tensor) or logits_to_keep != 0
-        if keep_some:
-            hidden_states = hidden_states[:, _kept_entities(logits_to_keep)]
+        kept = _kept_entities(logits_to_keep)
+        if kept is not None:
+            hidden_states = hidden_states[:, kept]
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
@@ -953,7 +954,7 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"labels must have shape (batch_size, sequence_length) = {expected}, got {tuple(labels.shape)}"
                 )
-            if keep_some:
+            if kept is not None:
                 raise ValueError("labels cannot be combined with logits_to_keep")
             check_labels(labels, self.config.vocab_size)
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)

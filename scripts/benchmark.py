@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=positive_int, default=131072)
     parser.add_argument(
         "--lengths",
-        type=lambda text: sorted(int(n) for n in text.split(",")),
+        type=lambda text: sorted(positive_int(n) for n in text.split(",")),
         default=None,
         help="comma-separated lengths (replaces the powers of two from --min-length to --max-length)",
     )
@@ -428,8 +428,13 @@ def main(argv=None):
     (out_dir / "benchmark.partial.json").unlink()
     plot(results, out_dir / "scaling.png")
     print(f"\nwrote {out_dir / 'benchmark.json'} and {out_dir / 'scaling.png'}")
-    failed = [(kind, mode, n) for kind in results for mode in results[kind] for n, r in results[kind][mode].items()]
-    failed = [f"{kind} {mode} {n}" for kind, mode, n in failed if "error" in results[kind][mode][n]]
+    failed = [
+        f"{kind} {mode} {n}"
+        for kind, modes in results.items()
+        for mode, runs in modes.items()
+        for n, r in runs.items()
+        if "error" in r
+    ]
     if failed:
         raise SystemExit(f"{len(failed)} measurement(s) failed: {', '.join(failed)} (their errors are above)")
 

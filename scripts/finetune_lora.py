@@ -39,6 +39,8 @@ import torch  # noqa: E402
 import train as train_lib  # noqa: E402  (scripts/train.py)
 from cli import non_negative_int, positive_int  # noqa: E402
 
+from dfn.hub import paths_overlap  # noqa: E402
+
 DFN_LORA_TARGETS = ["flow_proj", "influence_proj", "value_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     base, out = Path(args.base).resolve(), Path(args.output_dir).resolve()
-    if out == base or out in base.parents or base in out.parents:
+    if paths_overlap(out, base):
         raise SystemExit(f"--output_dir {out} must not be the base checkpoint, inside it, or contain it ({base})")
     cfg = train_lib.make_config(
         None,

@@ -721,8 +721,8 @@ def parse_args(argv=None):
 
 
 def run_tag(args) -> str:
-    """ "" for a run that trains; for a rerun of saved models (`--reuse`), a tag of its lengths, so its report and heat
-    maps sit beside the first run's instead of replacing them."""
+    """The tag in a run's file names: none for a run that trains; for a rerun of saved models (`--reuse`) its
+    lengths, so its report and heat maps sit beside the first run's instead of replacing them."""
     return f"_reuse_{'-'.join(str(n) for n in args.lengths)}" if args.reuse else ""
 
 
