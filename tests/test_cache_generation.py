@@ -218,6 +218,7 @@ def test_row_operations_keep_rows_consistent(model, padded_batch, operation, row
 
 
 def test_batch_repeat_interleave_gives_identical_rows(model, padded_batch):
+    """Each copy of a repeated row decodes as the other copy, and as its sequence alone."""
     ids, mask = padded_batch
     ids, mask = ids[1:], mask[1:]
     cache = padded_cache(model, ids, mask)
@@ -228,7 +229,9 @@ def test_batch_repeat_interleave_gives_identical_rows(model, padded_batch):
     new = random_ids(2, 8, seed=30).repeat_interleave(2, dim=0)  # the same tokens for both copies
     full_mask = torch.cat([mask, torch.ones_like(new)], 1)
     logits, _ = decode_in_chunks(model, new, [1] * 8, attention_mask=full_mask, cache=cache)
-    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[2], logits[3])
+    # equal up to rounding: a batched nn.Linear may round identical rows differently (measured on an AVX-512/AMX
+    # CPU: 1e-7 apart after the first flow projection of a 4-row batch)
+    assert max_diff(logits[0], logits[1]) <= 1e-5 and max_diff(logits[2], logits[3]) <= 1e-5
     # and each copy continues its own sequence exactly
     with torch.no_grad():
         for row in range(2):
