@@ -24,27 +24,37 @@ def cache_signature(config) -> dict:
 
 class RowBuffer:
     """Rows `(B, T, ...)` appended along dim 1 into a buffer that is compacted to the front, or doubled, only when
-    full: an append costs O(1) amortised instead of a copy of every kept row. `rows` is a view of the kept ones."""
+    full: an append costs O(1) amortised instead of a copy of every kept row. `rows` is a view of the kept ones.
 
-    def __init__(self, like: torch.Tensor):
+    `time_dim` is where the buffer stores the row axis: 1, or -1 to keep each row's values apart with the rows
+    innermost (a scan over the rows of one coordinate then reads contiguous memory); `rows` is `(B, T, ...)` either way.
+    """
+
+    def __init__(self, like: torch.Tensor, time_dim: int = 1):
         """An empty buffer for rows like `like`'s, with room for them and a quarter more (so the decoding steps
         after a prefill do not copy the whole context)."""
         length = like.shape[1]
-        self.buffer = like.new_zeros(like.shape[0], max(64, length + length // 4), *like.shape[2:])
+        self.time_dim = time_dim
+        self.buffer = self._empty(like.movedim(1, time_dim), max(64, length + length // 4))
         self.start = self.end = 0
 
+    def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = list(like.shape)
+        shape[self.time_dim] = capacity
+        return like.new_zeros(shape)
+
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        count = new.shape[1]
+        count, axis = new.shape[1], self.time_dim
         # the rows never fill the buffer exactly: a view of a whole buffer would make compiled decoding steps compile
         # once more (several seconds in the middle of a generation)
-        if self.end + count >= self.buffer.shape[1]:  # full: compact to the front, doubling if still half full
-            kept, capacity = self.length, self.buffer.shape[1]
+        if self.end + count >= self.buffer.shape[axis]:  # full: compact to the front, doubling if still half full
+            kept, capacity = self.length, self.buffer.shape[axis]
             if 2 * (kept + count) >= capacity:
                 capacity = max(kept + count + 1, 2 * capacity)
-            grown = self.buffer.new_zeros(self.buffer.shape[0], capacity, *self.buffer.shape[2:])
-            grown[:, :kept] = self.buffer[:, self.start : self.end]
+            grown = self._empty(self.buffer, capacity)
+            grown.narrow(axis, 0, kept).copy_(self.buffer.narrow(axis, self.start, kept))
             self.buffer, self.start, self.end = grown, 0, kept
-        self.buffer[:, self.end : self.end + count] = new.detach()
+        self.buffer.narrow(axis, self.end, count).copy_(new.detach().movedim(1, axis))
         self.end += count
         return self.rows
 
@@ -54,7 +64,7 @@ class RowBuffer:
 
     @property
     def rows(self) -> torch.Tensor:
-        return self.buffer[:, self.start : self.end]
+        return self.buffer.narrow(self.time_dim, self.start, self.length).movedim(self.time_dim, 1)
 
     def keep_last(self, count: int) -> None:
         self.start = max(self.start, self.end - count)
@@ -73,7 +83,9 @@ class DFNCacheLayer(CacheLayerMixin):
     `features` `(B, T, H, F)` packs, per entity and head, the position after the layer's flow (what neighbours are
     compared in), the value and the log influence weight: exactly what a neighbour lookup gathers. They live in a
     `RowBuffer`, so one decoding step costs O(1) amortised instead of a copy of the whole context. `trim(window)`
-    drops all but the last `window` entities (bounded mode). `memory` is the field-memory state (a dict of tensors,
+    drops all but the last `window` entities (bounded mode). The positions are kept a second time, coordinate by
+    coordinate with the entities innermost (`key_positions`): a decoding step's scan over them then runs on contiguous
+    memory, several times faster than over the packed rows. `memory` is the field-memory state (a dict of tensors,
     see `memory_dfn.py`); after `crop` it is marked stale and the model rebuilds it exactly from the cached entities
     on the next forward.
     """
@@ -85,12 +97,14 @@ class DFNCacheLayer(CacheLayerMixin):
         super().__init__()
         self.pos_dim = pos_dim
         self.entities: RowBuffer | None = None
+        self.key_positions: RowBuffer | None = None
         self.memory: dict | None = None
         self.memory_stale = False
         self.boxes: BlockBoxes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.entities = RowBuffer(key_states)
+        self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=-1)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, key_valid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -99,6 +113,7 @@ class DFNCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         self.entities.append(key_states)
+        self.key_positions.append(key_states[..., : self.pos_dim])
         if self.entities.start == 0:
             self._extend_boxes(key_valid)
         return self.features
@@ -115,6 +130,7 @@ class DFNCacheLayer(CacheLayerMixin):
     def trim(self, window: int) -> None:
         """Keep only the last `window` entities (then at most `window` are searched: no block structure)."""
         self.entities.keep_last(window)
+        self.key_positions.keep_last(window)
         if self.entities.start:
             self.boxes = None
 
@@ -128,8 +144,8 @@ class DFNCacheLayer(CacheLayerMixin):
 
     @property
     def positions(self) -> torch.Tensor:
-        """`(B, T, H, k)` cached entity positions."""
-        return self.features[..., : self.pos_dim]
+        """`(B, T, H, k)` cached entity positions (a view of `key_positions`: the entity axis is innermost)."""
+        return self.key_positions.rows
 
     @property
     def entity_values(self) -> torch.Tensor:
@@ -151,7 +167,7 @@ class DFNCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.entities, self.memory, self.boxes = None, None, None
+        self.entities, self.key_positions, self.memory, self.boxes = None, None, None, None
         self.memory_stale = False
         self.is_initialized = False
 
@@ -165,6 +181,7 @@ class DFNCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.entities.apply(fn)
+        self.key_positions.apply(fn)
         if self.boxes is not None:
             self.boxes.apply(fn)
         if self.memory is not None:
@@ -185,7 +202,9 @@ class DFNCacheLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of entities to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self.entities.keep_first(self.length + tokens_to_remove)
+        kept = self.length + tokens_to_remove
+        self.entities.keep_first(kept)
+        self.key_positions.keep_first(kept)
         if self.boxes is not None:
             self.boxes.crop(self.entities.end // DECODE_BLOCK)
         if self.memory is not None:

@@ -398,16 +398,16 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         if self.compiled_step is not None and cache_layer is not None and length == 1 and not torch.is_grad_enabled():
             project, update, flat_search = self.compiled_step
         x, positions, queries, values, log_weights, inv_two_var = project(self, hidden_states, positions)
-        features = self._append(positions, values, log_weights, key_mask, cache_layer)
+        features, keys = self._append(positions, values, log_weights, key_mask, cache_layer)
         neighbors = None  # the box tree's search has a data-dependent fallback: run here, not inside `update`
         boxes = cache_layer.boxes if cache_layer is not None else None
         if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
-            neighbors = self._tree_neighbors(queries, features, key_mask, boxes, flat_search)
+            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, flat_search)
         memory = None
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
         hidden_states, memory = update(
-            self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, key_mask,
+            self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, keys, key_mask,
             neighbors, position_ids, entity_mask, memory,
         )  # fmt: skip
         if cache_layer is not None and memory is not None:
@@ -435,58 +435,58 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
         return x, positions, queries, values, log_weights, inv_two_var
 
-    def _append(self, positions, values, log_weights, key_mask, cache_layer) -> torch.Tensor:
-        """The packed features `(B, T, H, k + D + 1)` (positions, value, log influence weight) of every key: the
-        cached entities, to which the new ones are appended, and the new ones."""
+    def _append(self, positions, values, log_weights, key_mask, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed features `(B, T, H, k + D + 1)` (positions, value, log influence weight) of every key, the
+        cached entities, to which the new ones are appended, and the new ones; and the keys' positions `(B, T, H, k)`
+        (from the cache, laid out for its scans)."""
         new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
         if cache_layer is None:
-            return new_features
+            return new_features, positions
         if new_features.requires_grad or (torch.is_grad_enabled() and self.log_kernel_width.requires_grad):
             # keep the new entities' gradient path (the cache stores detached copies), and never let the backward see
             # a view of the cache buffer that later calls overwrite in place
             features = torch.cat([cache_layer.features, new_features], dim=1) if cache_layer.length else new_features
             cache_layer.update(new_features, key_mask)
-            return features
-        return cache_layer.update(new_features, key_mask)
+            return features, features[..., : self.pos_dim]
+        return cache_layer.update(new_features, key_mask), cache_layer.positions
 
-    def _neighbors(self, queries, features, key_mask, boxes=None) -> tuple:
+    def _neighbors(self, queries, keys, key_mask, boxes=None) -> tuple:
         """Indices and validity `(B, N, H, K)` of the K earlier entities nearest to each query point `(B, N, H, k)`
-        among the keys' packed `features` (the new entities are the last N keys)."""
+        among the key positions `keys` `(B, T, H, k)` (the new entities are the last N keys)."""
         return causal_knn(
             queries.detach(),
-            features[..., : self.pos_dim].detach(),
+            keys.detach(),
             key_mask,
             self.config.num_neighbors,
-            features.shape[1] - queries.shape[1],
+            keys.shape[1] - queries.shape[1],
             self.config.neighbor_search,
             boxes=boxes,
         )
 
-    def _tree_neighbors(self, queries, features, key_mask, boxes, flat_search=None) -> tuple:
+    def _tree_neighbors(self, queries, keys, key_mask, boxes, flat_search=None) -> tuple:
         """A decoding step's neighbours over the cache's box tree `boxes`: through `flat_search` (a compiled
         `_flat_tree_search`) where the tree's blocks are bounded all at once, with the scan where that does not settle
         the answer; else the eager search (`causal_knn_blocks`)."""
         flat = flat_boxes(boxes) if flat_search is not None else None
         if flat is None:
-            return self._neighbors(queries, features, key_mask, boxes)
-        indices, valid, settled = flat_search(self, queries, features, key_mask, *flat)
-        return (indices, valid) if bool(settled) else self._neighbors(queries, features, key_mask)
+            return self._neighbors(queries, keys, key_mask, boxes)
+        indices, valid, settled = flat_search(self, queries, keys, key_mask, *flat)
+        return (indices, valid) if bool(settled) else self._neighbors(queries, keys, key_mask)
 
-    def _flat_tree_search(self, queries, features, key_mask, low, high) -> tuple:
-        """`causal_knn_flat_blocks` for this layer's queries and keys (see `_tree_neighbors`)."""
-        offset = features.shape[1] - queries.shape[1]
-        keys = features[..., : self.pos_dim]
+    def _flat_tree_search(self, queries, keys, key_mask, low, high) -> tuple:
+        """`causal_knn_flat_blocks` for this layer's queries and key positions (see `_tree_neighbors`)."""
+        offset = keys.shape[1] - queries.shape[1]
         return causal_knn_flat_blocks(queries, keys, key_mask, self.config.num_neighbors, offset, low, high)
 
     def _update(
-        self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, key_mask, neighbors,
-        position_ids, entity_mask, memory,
+        self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, keys, key_mask,
+        neighbors, position_ids, entity_mask, memory,
     ) -> tuple:  # fmt: skip
         """The neighbour search (unless `neighbors`, its indices and validity, are given), the kernel mix over the
         chosen neighbours, the field memory's read and write (when `memory`, its state before the new entities, is
         given) and the MLP: new states `(B, N, E)` and the memory's new state."""
         batch, length, _ = hidden_states.shape
-        indices, valid = self._neighbors(queries, features, key_mask) if neighbors is None else neighbors
+        indices, valid = self._neighbors(queries, keys, key_mask) if neighbors is None else neighbors
         mixed, log_norm = self._mix(queries, features, inv_two_var, indices, valid)
         if memory is not None:
             mem, mem_log_norm, memory = memory_scan(
