@@ -12,8 +12,10 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -393,29 +395,45 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         Returns:
             new states `(B, N, E)` and moved positions `(B, N, H, k)`.
         """
-        length = hidden_states.shape[1]
-        project, update, flat_search = DFNFlowLayer._project, DFNFlowLayer._update, None
+        step = self._decoding_step(cache_layer, hidden_states.shape[1])
+        projected = (step.project if step else DFNFlowLayer._project)(self, hidden_states, positions)
+        inputs = self._prepare(projected, key_mask, cache_layer, step)
+        hidden_states, memory = (step.update if step else DFNFlowLayer._update)(
+            self, hidden_states, *inputs, position_ids, entity_mask
+        )
+        self._store_memory(cache_layer, memory)
+        return hidden_states, projected[1]
+
+    def _decoding_step(self, cache_layer, length: int) -> "CompiledStep | None":
+        """The compiled step (see `DFNPreTrainedModel.compile_decoding`) where this call is a decoding step that can
+        use it: one new entity per row, a cache, no gradients."""
         if self.compiled_step is not None and cache_layer is not None and length == 1 and not torch.is_grad_enabled():
-            project, update, flat_search = self.compiled_step
-        x, positions, queries, values, log_weights, inv_two_var = project(self, hidden_states, positions)
+            return self.compiled_step
+        return None
+
+    def _prepare(self, projected: tuple, key_mask, cache_layer, step: "CompiledStep | None") -> tuple:
+        """Between `_project` and `_update`, what needs the cache: append the new entities, search the box tree (its
+        data-dependent fallback runs here, not inside a compiled `_update`) and fetch the memory state. Returns
+        `_update`'s arguments from `x` to `memory`."""
+        x, positions, queries, values, log_weights, inv_two_var = projected
+        length = positions.shape[1]
         features, keys = self._append(positions, values, log_weights, key_mask, cache_layer)
-        neighbors = None  # the box tree's search has a data-dependent fallback: run here, not inside `update`
+        neighbors = None
         boxes = cache_layer.boxes if cache_layer is not None else None
         if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
-            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, flat_search)
+            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, step.flat_search if step else None)
         memory = None
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
-        hidden_states, memory = update(
-            self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, keys, key_mask,
-            neighbors, position_ids, entity_mask, memory,
-        )  # fmt: skip
+        return (*projected, features, keys, key_mask, neighbors, memory)
+
+    @staticmethod
+    def _store_memory(cache_layer, memory: dict | None) -> None:
         if cache_layer is not None and memory is not None:
             # contiguous: a prefill leaves views of one packed tensor, a decoding step fresh tensors; one layout keeps
             # compiled decoding steps from compiling again at the first memory commit
             cache_layer.memory = {name: t.detach().contiguous() for name, t in memory.items()}
             cache_layer.memory_stale = False
-        return hidden_states, positions
 
     def _project(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple:
         """The new entities' normalised states `(B, N, E)`, positions moved by the flow `(B, N, H, k)`, query points
@@ -480,7 +498,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
     def _update(
         self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, keys, key_mask,
-        neighbors, position_ids, entity_mask, memory,
+        neighbors, memory, position_ids, entity_mask,
     ) -> tuple:  # fmt: skip
         """The neighbour search (unless `neighbors`, its indices and validity, are given), the kernel mix over the
         chosen neighbours, the field memory's read and write (when `memory`, its state before the new entities, is
@@ -570,13 +588,30 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         return state
 
 
+def _update_then_project(layer, following, hidden_states, x, positions, *update_args) -> tuple:
+    """`layer._update`, then `following._project` of its output (None for the last layer): one compiled call where
+    the layer-by-layer step makes two (each call of a compiled function costs tens of microseconds of its own)."""
+    hidden_states, memory = DFNFlowLayer._update(layer, hidden_states, x, positions, *update_args)
+    projected = None if following is None else DFNFlowLayer._project(following, hidden_states, positions)
+    return hidden_states, memory, projected
+
+
+class CompiledStep(NamedTuple):
+    """The tensor work of a decoding step, compiled (see `DFNPreTrainedModel.compile_decoding`)."""
+
+    project: Callable  # DFNFlowLayer._project
+    update: Callable  # DFNFlowLayer._update
+    flat_search: Callable  # DFNFlowLayer._flat_tree_search
+    update_then_project: Callable  # _update_then_project
+
+
 @functools.cache
-def _compiled_step(options: tuple) -> tuple:
-    """`DFNFlowLayer._project`, `_update` and `_flat_tree_search` compiled with `torch.compile(dynamic=True,
-    **options)`, once per process: the layer is an argument, so all layers of one structure share a graph."""
+def _compiled_step(options: tuple) -> CompiledStep:
+    """The `CompiledStep` functions compiled with `torch.compile(dynamic=True, **options)`, once per process: the
+    layers are arguments, so all layers of one structure share a graph."""
     kwargs = {"dynamic": True, **dict(options)}
-    steps = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search)
-    return tuple(torch.compile(step, **kwargs) for step in steps)
+    steps = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project)
+    return CompiledStep(*(torch.compile(step, **kwargs) for step in steps))
 
 
 def check_call(cache, kwargs: dict) -> None:
@@ -767,7 +802,12 @@ class DFNModel(DFNPreTrainedModel):
         positions = self.initial_positions(position_ids)
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_positions = (positions,) if output_positions else None
-        for layer in self.layers:
+        step = self.layers[0]._decoding_step(cache, length)
+        if step is not None and not (output_hidden_states or output_positions):
+            hidden_states, positions = self._compiled_decoding_step(
+                step, hidden_states, positions, position_ids, entity_mask, key_mask, cache
+            )
+        for layer in self.layers if step is None or output_hidden_states or output_positions else ():
             cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
             hidden_states, positions = layer(hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer)
             if output_hidden_states:
@@ -785,6 +825,20 @@ class DFNModel(DFNPreTrainedModel):
             hidden_states=all_hidden,
             positions=all_positions,
         )
+
+    def _compiled_decoding_step(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
+        """The layers' loop of a compiled decoding step: as each layer's forward, but each layer's update and the next
+        layer's projections run as one compiled call (`_update_then_project`)."""
+        projected = step.project(self.layers[0], hidden_states, positions)
+        for layer, following in zip(self.layers, [*self.layers[1:], None], strict=True):
+            cache_layer = cache.layers[layer.layer_idx]
+            inputs = layer._prepare(projected, key_mask, cache_layer, step)
+            hidden_states, memory, next_projected = step.update_then_project(
+                layer, following, hidden_states, *inputs, position_ids, entity_mask
+            )
+            layer._store_memory(cache_layer, memory)
+            positions, projected = projected[1], next_projected
+        return hidden_states, positions
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -9,6 +9,7 @@ import torch
 from conftest import make_model, max_diff, random_ids, tiny_config
 
 from dfn import DFNCache
+from dfn.modeling_dfn import CompiledStep
 from dfn.neighbors_dfn import _SCAN_MAX_BLOCKS, DECODE_BLOCK
 
 pytestmark = pytest.mark.skipif(
@@ -44,17 +45,25 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     with torch.no_grad():
         full = model(ids).logits
     model.compile_decoding()
-    calls = {"project": 0, "update": 0, "flat search": 0}
+    calls = dict.fromkeys(CompiledStep._fields, 0)
     for layer in model.model.layers:  # count the compiled steps' calls
-        layer.compiled_step = tuple(
-            counted(step, name, calls) for step, name in zip(layer.compiled_step, calls, strict=True)
+        layer.compiled_step = CompiledStep(
+            *(counted(step, name, calls) for name, step in layer.compiled_step._asdict().items())
         )
     assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
-    assert calls["update"] == 2 * 15 and calls["flat search"] == 0  # 2 layers x 15 steps; the scan inside update
+    # per step: the first layer's projections, then each layer's update with the next layer's projections; the scan
+    # runs inside the update (2 layers, 15 steps)
+    assert calls == {"project": 15, "update": 0, "flat_search": 0, "update_then_project": 2 * 15}
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    assert calls["project"] == calls["update"] == 2 * 25 and calls["flat search"] == 2 * 10
+    assert calls == {"project": 25, "update": 0, "flat_search": 2 * 10, "update_then_project": 2 * 25}
     compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled, eager)
+    # asked for every layer's states, a step runs layer by layer (compiled projections and updates)
+    with torch.no_grad():
+        cache = DFNCache(model.config)
+        model(ids[:, :45], cache=cache, use_cache=True)
+        out = model(ids[:, 45:46], cache=cache, use_cache=True, output_hidden_states=True)
+    assert calls["update"] == 2 and max_diff(out.logits, full[:, 45:46]) <= 1e-4
 
 
 def test_compiled_decoding_compiles_nothing_more_after_warm_up():
