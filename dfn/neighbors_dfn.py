@@ -597,14 +597,12 @@ def causal_knn_blocks(
 
 
 def flat_boxes(boxes: BlockBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The block boxes `(low, high)` `(B, H, n, k)` where a decoding step bounds them all at once (at most
+    """The block boxes `(low, high)` `(B, n, H, k)` where a decoding step bounds them all at once (at most
     `_FLAT_MAX_BOXES` blocks, more than `_DECODE_TOP_BLOCKS`), else None (the step descends the tree)."""
     if not _DECODE_TOP_BLOCKS < boxes.num_blocks <= _FLAT_MAX_BOXES:
         return None
-    # copies, coordinate by coordinate with the blocks innermost: the bounds then run over contiguous memory (several
-    # times faster than with the heads innermost), and views of the growing buffers have strides a compiled graph
-    # would recompile for
-    return tuple(t.permute(0, 2, 3, 1).contiguous().transpose(2, 3) for t in boxes.level(0))
+    # contiguous copies: views of the growing buffers have strides a compiled graph would recompile for
+    return tuple(t.contiguous() for t in boxes.level(0))
 
 
 def causal_knn_flat_blocks(query_pos, key_pos, key_valid, num_neighbors: int, query_offset: int, low, high):
@@ -613,11 +611,11 @@ def causal_knn_flat_blocks(query_pos, key_pos, key_valid, num_neighbors: int, qu
     bool): where False, the answer is `causal_knn_scan`'s instead."""
     with torch.no_grad():
         query = query_pos[:, -1].float()
-        bound = _box_bounds(query, low, high)  # (B, H, n)
+        bound = _box_bounds(query, low.transpose(1, 2), high.transpose(1, 2))  # (B, H, n)
         best, order = torch.topk(bound, _DECODE_TOP_BLOCKS + 1, dim=-1, largest=False)
         blocks, left_out = order[..., :_DECODE_TOP_BLOCKS], best[..., _DECODE_TOP_BLOCKS]
         return _search_blocks(
-            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, False, low.shape[2]
+            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, False, low.shape[1]
         )
 
 
