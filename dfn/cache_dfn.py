@@ -85,9 +85,10 @@ class DFNCacheLayer(CacheLayerMixin):
     `RowBuffer`, so one decoding step costs O(1) amortised instead of a copy of the whole context. `trim(window)`
     drops all but the last `window` entities (bounded mode). The positions are kept a second time, coordinate by
     coordinate with the entities innermost (`key_positions`): a decoding step's scan over them then runs on contiguous
-    memory, several times faster than over the packed rows. `memory` is the field-memory state (a dict of tensors,
-    see `memory_dfn.py`); after `crop` it is marked stale and the model rebuilds it exactly from the cached entities
-    on the next forward.
+    memory, several times faster than over the packed rows. Both buffers go through the same appends and cuts, so
+    their rows always line up (`entities.start`/`end` index both). `memory` is the field-memory state (a dict of
+    tensors, see `memory_dfn.py`); after `crop` it is marked stale and the model rebuilds it exactly from the cached
+    entities on the next forward.
     """
 
     is_croppable = True
@@ -145,7 +146,7 @@ class DFNCacheLayer(CacheLayerMixin):
     @property
     def positions(self) -> torch.Tensor:
         """`(B, T, H, k)` cached entity positions (a view of `key_positions`: the entity axis is innermost)."""
-        return self.key_positions.rows
+        return None if self.key_positions is None else self.key_positions.rows
 
     @property
     def entity_values(self) -> torch.Tensor:

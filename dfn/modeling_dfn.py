@@ -372,7 +372,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
                 self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
                 self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
-        self.compiled_step = None  # (project, update, flat tree search) compiled for decoding: see compile_decoding
+        self.compiled_step = None  # a CompiledStep for decoding: see compile_decoding
 
     def forward(
         self,
@@ -396,9 +396,10 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             new states `(B, N, E)` and moved positions `(B, N, H, k)`.
         """
         step = self._decoding_step(cache_layer, hidden_states.shape[1])
-        projected = (step.project if step else DFNFlowLayer._project)(self, hidden_states, positions)
+        compiled = step is not None
+        projected = (step.project if compiled else DFNFlowLayer._project)(self, hidden_states, positions)
         inputs = self._prepare(projected, key_mask, cache_layer, step)
-        hidden_states, memory = (step.update if step else DFNFlowLayer._update)(
+        hidden_states, memory = (step.update if compiled else DFNFlowLayer._update)(
             self, hidden_states, *inputs, position_ids, entity_mask
         )
         self._store_memory(cache_layer, memory)
@@ -421,7 +422,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         neighbors = None
         boxes = cache_layer.boxes if cache_layer is not None else None
         if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
-            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, step.flat_search if step else None)
+            flat_search = step.flat_search if step is not None else None
+            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, flat_search)
         memory = None
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
@@ -456,7 +458,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
     def _append(self, positions, values, log_weights, key_mask, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed features `(B, T, H, k + D + 1)` (positions, value, log influence weight) of every key, the
         cached entities, to which the new ones are appended, and the new ones; and the keys' positions `(B, T, H, k)`
-        (from the cache, laid out for its scans)."""
+        (without gradients, the cache's coordinate-major copy, which its scans read faster)."""
         new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
         if cache_layer is None:
             return new_features, positions
@@ -585,7 +587,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.config.memory_chunk_size,
             read=False,
         )
-        return state
+        return {name: t.contiguous() for name, t in state.items()}  # the layout a decoding step's state has
 
 
 def _update_then_project(layer, following, hidden_states, x, positions, *update_args) -> tuple:
@@ -608,7 +610,8 @@ class CompiledStep(NamedTuple):
 @functools.cache
 def _compiled_step(options: tuple) -> CompiledStep:
     """The `CompiledStep` functions compiled with `torch.compile(dynamic=True, **options)`, once per process: the
-    layers are arguments, so all layers of one structure share a graph."""
+    layers are arguments, so all layers of one structure share a graph (`_update_then_project` has a second one for
+    the last layer, which has no next layer to project for)."""
     kwargs = {"dynamic": True, **dict(options)}
     steps = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project)
     return CompiledStep(*(torch.compile(step, **kwargs) for step in steps))
@@ -688,11 +691,13 @@ class DFNPreTrainedModel(PreTrainedModel):
         """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
         `torch.compile(dynamic=True, **compile_options)`: each layer's projections and flow (`_project`), its exact
         scan, kernel mix, field memory and MLP (`_update`), and the search over the box tree's blocks where a step
-        bounds them all at once (`_flat_tree_search`). The cache's bookkeeping and the tree's deeper descent and
-        fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses the same graphs.
-        Full passes, training and calls with several new entities are unchanged; the eager step stays the reference
-        (tested equal). The first decoding steps compile: tens of seconds, and on CPU a C++ compiler is needed.
-        Returns the model."""
+        bounds them all at once (`_flat_tree_search`). A step runs the first layer's `_project`, then per layer one
+        call of `_update_then_project` (its update and the next layer's projections); it goes layer by layer instead
+        where every layer's states or positions are asked for, or a layer has hooks (e.g. accelerate's offloading).
+        The cache's bookkeeping and the tree's deeper descent and fallback stay eager, so a growing cache (new blocks,
+        memory commits, longer contexts) reuses the same graphs. Full passes, training and calls with several new
+        entities are unchanged; the eager step stays the reference (tested equal). The first decoding steps compile:
+        tens of seconds, and on CPU a C++ compiler is needed. Returns the model."""
         step = _compiled_step(tuple(sorted(compile_options.items())))
         for layer in self.base_model.layers:
             layer.compiled_step = step
@@ -802,18 +807,21 @@ class DFNModel(DFNPreTrainedModel):
         positions = self.initial_positions(position_ids)
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_positions = (positions,) if output_positions else None
-        step = self.layers[0]._decoding_step(cache, length)
-        if step is not None and not (output_hidden_states or output_positions):
-            hidden_states, positions = self._compiled_decoding_step(
+        step = self._fused_decoding_step(cache, length, output_hidden_states or output_positions)
+        if step is not None:
+            hidden_states = self._compiled_decoding_step(
                 step, hidden_states, positions, position_ids, entity_mask, key_mask, cache
             )
-        for layer in self.layers if step is None or output_hidden_states or output_positions else ():
-            cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
-            hidden_states, positions = layer(hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_positions:
-                all_positions += (positions,)
+        else:
+            for layer in self.layers:
+                cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
+                hidden_states, positions = layer(
+                    hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer
+                )
+                if output_hidden_states:
+                    all_hidden += (hidden_states,)
+                if output_positions:
+                    all_positions += (positions,)
         hidden_states = self.norm(hidden_states)
         if cache is not None:
             cache.trim()
@@ -826,9 +834,23 @@ class DFNModel(DFNPreTrainedModel):
             positions=all_positions,
         )
 
+    def _fused_decoding_step(self, cache, length: int, every_layer: bool) -> CompiledStep | None:
+        """The `CompiledStep` all layers share where this call can run `_compiled_decoding_step`: a decoding step (see
+        `DFNFlowLayer._decoding_step`) that asks for no layer's output (`every_layer`) and calls no layer hooks
+        (accelerate's device maps and offloading hook the layers' forward, which the fused step does not call)."""
+        step = self.layers[0]._decoding_step(cache.layers[0] if cache is not None else None, length)
+        if step is None or every_layer:
+            return None
+        for layer in self.layers:
+            if layer.compiled_step is not step or hasattr(layer, "_hf_hook"):
+                return None
+            if layer._forward_hooks or layer._forward_pre_hooks:
+                return None
+        return step
+
     def _compiled_decoding_step(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
         """The layers' loop of a compiled decoding step: as each layer's forward, but each layer's update and the next
-        layer's projections run as one compiled call (`_update_then_project`)."""
+        layer's projections run as one compiled call (`_update_then_project`). Returns the last layer's states."""
         projected = step.project(self.layers[0], hidden_states, positions)
         for layer, following in zip(self.layers, [*self.layers[1:], None], strict=True):
             cache_layer = cache.layers[layer.layer_idx]
@@ -837,8 +859,8 @@ class DFNModel(DFNPreTrainedModel):
                 layer, following, hidden_states, *inputs, position_ids, entity_mask
             )
             layer._store_memory(cache_layer, memory)
-            positions, projected = projected[1], next_projected
-        return hidden_states, positions
+            projected = next_projected
+        return hidden_states
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -50,6 +50,8 @@ def assert_caches_equal(cache_a, cache_b, tol=1e-4):
     real = cache_a.entity_mask
     for layer_a, layer_b in zip(cache_a.layers, cache_b.layers, strict=True):
         assert layer_a.get_seq_length() == cache_a.get_seq_length()
+        for layer in (layer_a, layer_b):  # the coordinate-major copy of the positions lines up with the packed rows
+            assert torch.equal(layer.positions, layer.features[..., : layer.pos_dim])
         state_a, state_b = entity_state(layer_a), entity_state(layer_b)
         for name in state_a:
             assert max_diff(state_a[name][real], state_b[name][real]) <= tol, name

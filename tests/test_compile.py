@@ -46,10 +46,10 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
         full = model(ids).logits
     model.compile_decoding()
     calls = dict.fromkeys(CompiledStep._fields, 0)
-    for layer in model.model.layers:  # count the compiled steps' calls
-        layer.compiled_step = CompiledStep(
-            *(counted(step, name, calls) for name, step in layer.compiled_step._asdict().items())
-        )
+    step = model.model.layers[0].compiled_step
+    step = CompiledStep(*(counted(function, name, calls) for name, function in step._asdict().items()))
+    for layer in model.model.layers:  # count the compiled steps' calls (one step shared by all layers, as compiled)
+        layer.compiled_step = step
     assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
     # per step: the first layer's projections, then each layer's update with the next layer's projections; the scan
     # runs inside the update (2 layers, 15 steps)
@@ -85,5 +85,36 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for i in range(6 * chunk + 2, ids.shape[1]):  # commits, and the buffer (64 rows) grows
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
-    assert cache.layers[0].entities.buffer.shape[1] > 64
+    assert cache.layers[0].entities.buffer.shape[1] > 64 and cache.layers[0].key_positions.buffer.shape[-1] > 64
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
+    """pos_dim 1, left padding, a crop then more steps: compiled as eager. A layer with a forward hook (as accelerate's
+    offloading adds) is called through its forward, so the step goes layer by layer and the hook runs."""
+    torch._dynamo.reset()
+    model = make_model(tiny_config("k1-mem-seed"))
+    ids = random_ids(2, 40, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def decode_padded(model):
+        with torch.no_grad():
+            cache = DFNCache(model.config)
+            model(ids[:, :20], attention_mask=mask[:, :20], cache=cache, use_cache=True)
+            steps = [
+                model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache).logits for i in range(20, 30)
+            ]
+            cache.crop(-4)
+            steps += [
+                model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=cache).logits for i in range(26, 40)
+            ]
+        return torch.cat(steps, 1)
+
+    eager = decode_padded(model)
+    model.compile_decoding()
+    assert max_diff(decode_padded(model), eager) <= 1e-4
+    hooked = []
+    model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1))
+    assert max_diff(decode_padded(model), eager) <= 1e-4
+    assert len(hooked) == 1 + 10 + 14  # the prefill and every step
