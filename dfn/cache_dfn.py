@@ -43,7 +43,7 @@ class RowBuffer:
         shape[self.time_dim] = capacity
         return like.new_zeros(shape)
 
-    def append(self, new: torch.Tensor) -> torch.Tensor:
+    def append(self, new: torch.Tensor) -> None:
         count, axis = new.shape[1], self.time_dim
         # the rows never fill the buffer exactly: a view of a whole buffer would make compiled decoding steps compile
         # once more (several seconds in the middle of a generation)
@@ -56,7 +56,6 @@ class RowBuffer:
             self.buffer, self.start, self.end = grown, 0, kept
         self.buffer.narrow(axis, self.end, count).copy_(new.detach().movedim(1, axis))
         self.end += count
-        return self.rows
 
     @property
     def length(self) -> int:
