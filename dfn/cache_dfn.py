@@ -3,6 +3,8 @@
 Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, D head_dim, F = k + D + 1.
 """
 
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -44,18 +46,33 @@ class RowBuffer:
         return like.new_zeros(shape)
 
     def append(self, new: torch.Tensor) -> None:
-        count, axis = new.shape[1], self.time_dim
+        self.reserve(new.shape[1])
+        self.write(self.buffer, self.time_dim, self.end, new)
+        self.end += new.shape[1]
+
+    def reserve(self, count: int) -> None:
+        """Make room for `count` more rows after `end`: compact the rows to the front, doubling if still half full."""
+        axis = self.time_dim
         # the rows never fill the buffer exactly: a view of a whole buffer would make compiled decoding steps compile
         # once more (several seconds in the middle of a generation)
-        if self.end + count >= self.buffer.shape[axis]:  # full: compact to the front, doubling if still half full
+        if self.end + count >= self.buffer.shape[axis]:
             kept, capacity = self.length, self.buffer.shape[axis]
             if 2 * (kept + count) >= capacity:
                 capacity = max(kept + count + 1, 2 * capacity)
             grown = self._empty(self.buffer, capacity)
             grown.narrow(axis, 0, kept).copy_(self.buffer.narrow(axis, self.start, kept))
             self.buffer, self.start, self.end = grown, 0, kept
-        self.buffer.narrow(axis, self.end, count).copy_(new.detach().movedim(1, axis))
-        self.end += count
+
+    @staticmethod
+    def write(buffer: torch.Tensor, time_dim: int, end: int, new: torch.Tensor) -> None:
+        """Write rows `new` `(B, N, ...)` into `buffer` from row `end` on (room reserved). Static, as a compiled
+        decoding step calls it on the buffer it was handed."""
+        buffer.narrow(time_dim, end, new.shape[1]).copy_(new.detach().movedim(1, time_dim))
+
+    @staticmethod
+    def view(buffer: torch.Tensor, time_dim: int, start: int, length: int) -> torch.Tensor:
+        """Rows `start` to `start + length` of `buffer` as `(B, length, ...)`."""
+        return buffer.narrow(time_dim, start, length).movedim(time_dim, 1)
 
     @property
     def length(self) -> int:
@@ -63,7 +80,7 @@ class RowBuffer:
 
     @property
     def rows(self) -> torch.Tensor:
-        return self.buffer.narrow(self.time_dim, self.start, self.length).movedim(self.time_dim, 1)
+        return self.view(self.buffer, self.time_dim, self.start, self.length)
 
     def keep_last(self, count: int) -> None:
         self.start = max(self.start, self.end - count)
@@ -74,6 +91,19 @@ class RowBuffer:
     def apply(self, fn) -> None:
         """Apply a batch-first `fn` (reorder, select or repeat sequences) to the whole buffer, headroom included."""
         self.buffer = fn(self.buffer)
+
+
+POSITIONS_TIME_DIM = -1  # `DFNCacheLayer.key_positions` keeps the entities innermost
+
+
+class StepStore(NamedTuple):
+    """A cache layer's buffers, with room for one more entity, handed to a compiled decoding step that appends the
+    new entity itself (`DFNCacheLayer.step_store`): its kept rows are `start` to `end` of both buffers."""
+
+    features: torch.Tensor  # RowBuffer buffer of the packed rows (B, capacity, H, F)
+    positions: torch.Tensor  # RowBuffer buffer of the positions, entities innermost (B, H, k, capacity)
+    start: int
+    end: int
 
 
 class DFNCacheLayer(CacheLayerMixin):
@@ -104,7 +134,7 @@ class DFNCacheLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.entities = RowBuffer(key_states)
-        self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=-1)
+        self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=POSITIONS_TIME_DIM)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, key_valid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -117,6 +147,38 @@ class DFNCacheLayer(CacheLayerMixin):
         if self.entities.start == 0:
             self._extend_boxes(key_valid)
         return self.features
+
+    def step_store(self) -> StepStore | None:
+        """For a compiled decoding step that appends one new entity itself (`write_step`), then `advance`: the
+        buffers with room for it. None where the append needs more than a write: nothing cached yet, or the entity
+        completes a block of the box tree."""
+        if not self.is_initialized:
+            return None
+        self.entities.reserve(1)
+        self.key_positions.reserve(1)
+        done = 0 if self.boxes is None else self.boxes.num_blocks
+        if self.entities.start == 0 and (self.entities.end + 1) // DECODE_BLOCK > done:
+            return None
+        return StepStore(self.entities.buffer, self.key_positions.buffer, self.entities.start, self.entities.end)
+
+    @staticmethod
+    def write_step(store: StepStore, new_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inside a compiled decoding step: write the new entity's packed features `(B, 1, H, F)` after the rows of
+        `store`; returns every key's features `(B, T + 1, H, F)` and positions `(B, T + 1, H, k)` (as `update` and
+        `positions`)."""
+        pos_dim = store.positions.shape[-2]
+        RowBuffer.write(store.features, 1, store.end, new_features)
+        RowBuffer.write(store.positions, POSITIONS_TIME_DIM, store.end, new_features[..., :pos_dim])
+        length = store.end + 1 - store.start
+        return (
+            RowBuffer.view(store.features, 1, store.start, length),
+            RowBuffer.view(store.positions, POSITIONS_TIME_DIM, store.start, length),
+        )
+
+    def advance(self) -> None:
+        """Keep the entity a compiled decoding step wrote (`write_step`) into the buffers of `step_store`."""
+        self.entities.end += 1
+        self.key_positions.end += 1
 
     def _extend_boxes(self, key_valid: torch.Tensor) -> None:
         """Add the bounding boxes of newly completed blocks to the decoding search structure (`causal_knn_blocks`)."""
@@ -317,4 +379,4 @@ class DFNCache(Cache):
         self.seen = 0
 
 
-__all__ = ["DFNCache", "DFNCacheLayer", "cache_signature"]
+__all__ = ["DFNCache", "DFNCacheLayer", "StepStore", "cache_signature"]

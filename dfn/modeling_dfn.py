@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache_dfn import DFNCache
+from .cache_dfn import DFNCache, DFNCacheLayer
 from .configuration_dfn import DFNConfig
 from .memory_dfn import initial_memory_state, memory_scan, squared_distance
 from .mix_triton import triton_available, triton_kernel_average
@@ -459,7 +459,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         """The packed features `(B, T, H, k + D + 1)` (positions, value, log influence weight) of every key, the
         cached entities, to which the new ones are appended, and the new ones; and the keys' positions `(B, T, H, k)`
         (without gradients, the cache's coordinate-major copy, which its scans read faster)."""
-        new_features = torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
+        new_features = self._pack(positions, values, log_weights)
         if cache_layer is None:
             return new_features, positions
         if new_features.requires_grad or (torch.is_grad_enabled() and self.log_kernel_width.requires_grad):
@@ -469,6 +469,11 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             cache_layer.update(new_features, key_mask)
             return features, features[..., : self.pos_dim]
         return cache_layer.update(new_features, key_mask), cache_layer.positions
+
+    @staticmethod
+    def _pack(positions, values, log_weights) -> torch.Tensor:
+        """The cache's packed features `(B, N, H, k + D + 1)` of entities: positions, value, log influence weight."""
+        return torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
 
     def _neighbors(self, queries, keys, key_mask, boxes=None) -> tuple:
         """Indices and validity `(B, N, H, K)` of the K earlier entities nearest to each query point `(B, N, H, k)`
@@ -598,6 +603,31 @@ def _update_then_project(layer, following, hidden_states, x, positions, *update_
     return hidden_states, memory, projected
 
 
+def _decode_layers(layers, hidden_states, positions, position_ids, entity_mask, key_mask, stores, memories, boxes):
+    """A whole decoding step's tensor work through `layers`, as one compiled call: per layer its projections, the
+    new entity's write into the cache's buffers (`stores`, see `DFNCacheLayer.step_store`), the search over the
+    tree's block boxes `(low, high)` where `boxes` gives them, the update with the memory state of `memories`.
+    Returns the last layer's states `(B, 1, E)`, each layer's new memory state, and whether every box search was
+    exact (a 0-d bool; None where none ran), else the caller runs the step layer by layer."""
+    projected = DFNFlowLayer._project(layers[0], hidden_states, positions)
+    new_memories, settled = [], None
+    for index, layer in enumerate(layers):
+        _, moved, queries, values, log_weights, _ = projected
+        features, keys = DFNCacheLayer.write_step(stores[index], DFNFlowLayer._pack(moved, values, log_weights))
+        neighbors = None
+        if boxes[index] is not None:
+            *neighbors, exact = DFNFlowLayer._flat_tree_search(layer, queries, keys, key_mask, *boxes[index])
+            settled = exact if settled is None else settled & exact
+        hidden_states, memory = DFNFlowLayer._update(
+            layer, hidden_states, *projected, features, keys, key_mask, neighbors, memories[index], position_ids,
+            entity_mask,
+        )  # fmt: skip
+        new_memories.append(memory)
+        if index + 1 < len(layers):
+            projected = DFNFlowLayer._project(layers[index + 1], hidden_states, moved)
+    return hidden_states, new_memories, settled
+
+
 class CompiledStep(NamedTuple):
     """The tensor work of a decoding step, compiled (see `DFNPreTrainedModel.compile_decoding`)."""
 
@@ -605,6 +635,7 @@ class CompiledStep(NamedTuple):
     update: Callable  # DFNFlowLayer._update
     flat_search: Callable  # DFNFlowLayer._flat_tree_search
     update_then_project: Callable  # _update_then_project
+    decode_layers: Callable  # _decode_layers
 
 
 @functools.cache
@@ -613,7 +644,10 @@ def _compiled_step(options: tuple) -> CompiledStep:
     layers are arguments, so all layers of one structure share a graph (`_update_then_project` has a second one for
     the last layer, which has no next layer to project for)."""
     kwargs = {"dynamic": True, **dict(options)}
-    steps = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project)
+    steps = (
+        DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project,
+        _decode_layers,
+    )  # fmt: skip
     return CompiledStep(*(torch.compile(step, **kwargs) for step in steps))
 
 
@@ -849,8 +883,14 @@ class DFNModel(DFNPreTrainedModel):
         return step
 
     def _compiled_decoding_step(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
-        """The layers' loop of a compiled decoding step: as each layer's forward, but each layer's update and the next
-        layer's projections run as one compiled call (`_update_then_project`). Returns the last layer's states."""
+        """The layers of a compiled decoding step: one compiled call for all of them (`_decode_layers`) where every
+        layer's cache takes the new entity with a plain write, its memory state is at hand and its box search needs no
+        eager descent; else as each layer's forward, but each layer's update and the next layer's projections run as
+        one compiled call (`_update_then_project`). Returns the last layer's states."""
+        args = (hidden_states, positions, position_ids, entity_mask, key_mask, cache)
+        decoded = self._decode_layers_at_once(step, *args)
+        if decoded is not None:
+            return decoded
         projected = step.project(self.layers[0], hidden_states, positions)
         for layer, following in zip(self.layers, [*self.layers[1:], None], strict=True):
             cache_layer = cache.layers[layer.layer_idx]
@@ -860,6 +900,35 @@ class DFNModel(DFNPreTrainedModel):
             )
             layer._store_memory(cache_layer, memory)
             projected = next_projected
+        return hidden_states
+
+    def _decode_layers_at_once(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
+        """`step.decode_layers` where it applies (see `_compiled_decoding_step`); the cache keeps its new entities
+        and memory states only if every box search was exact. Returns the last layer's states, or None."""
+        layers = [cache.layers[layer.layer_idx] for layer in self.layers]
+        stores = [layer.step_store() for layer in layers]
+        if any(store is None for store in stores):
+            return None
+        memories = [None] * len(layers)
+        if self.config.use_memory:
+            if any(layer.memory is None or layer.memory_stale for layer in layers):
+                return None
+            memories = [layer.memory for layer in layers]
+        boxes = []
+        for layer in layers:
+            searched = self.config.neighbor_search == "auto" and searches_box_tree(layer.boxes, 1)
+            flat = flat_boxes(layer.boxes) if searched else None
+            if searched and flat is None:
+                return None  # too many blocks to bound at once: the eager descent
+            boxes.append(flat)
+        hidden_states, memories, settled = step.decode_layers(
+            list(self.layers), hidden_states, positions, position_ids, entity_mask, key_mask, stores, memories, boxes
+        )
+        if settled is not None and not bool(settled):
+            return None  # a box search was not exact: the layer-by-layer step writes the same rows again
+        for layer, memory in zip(layers, memories, strict=True):
+            layer.advance()
+            DFNFlowLayer._store_memory(layer, memory)
         return hidden_states
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:

@@ -51,11 +51,24 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     for layer in model.model.layers:  # count the compiled steps' calls (one step shared by all layers, as compiled)
         layer.compiled_step = step
     assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
-    # per step: the first layer's projections, then each layer's update with the next layer's projections; the scan
-    # runs inside the update (2 layers, 15 steps)
-    assert calls == {"project": 15, "update": 0, "flat_search": 0, "update_then_project": 2 * 15}
+    # one call per step for all layers, the scan inside (15 steps)
+    assert calls == {"project": 0, "update": 0, "flat_search": 0, "update_then_project": 0, "decode_layers": 15}
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    assert calls == {"project": 25, "update": 0, "flat_search": 2 * 10, "update_then_project": 2 * 25}
+    # 10 steps past the threshold: the one that completes a block (its box is added eagerly) runs layer by layer
+    assert calls == {"project": 1, "update": 0, "flat_search": 2, "update_then_project": 2, "decode_layers": 24}
+    decode_layers = step.decode_layers
+
+    def inexact(*args):  # as if a box search was not exact: the step runs again layer by layer, on the same rows
+        hidden_states, memories, _ = decode_layers(*args)
+        return hidden_states, memories, torch.tensor(False)
+
+    inexact_step = step._replace(decode_layers=inexact)
+    for layer in model.model.layers:
+        layer.compiled_step = inexact_step
+    assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
+    assert calls == {"project": 11, "update": 0, "flat_search": 22, "update_then_project": 22, "decode_layers": 33}
+    for layer in model.model.layers:
+        layer.compiled_step = step
     compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(compiled, eager)
     # asked for every layer's states, a step runs layer by layer (compiled projections and updates)
@@ -70,22 +83,27 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     """Memory commits and the cache buffer's growth keep every tensor's layout: a long generation never stops for
     seconds to compile again (the buffer's rows once filled it exactly). The memory state a prefill leaves is stored
     contiguous, as a decoding step's is: with the benchmark's model, its views made the first commit recompile
-    (seen with TORCH_LOGS=recompiles; this tiny model does not show it, so the layout is checked directly)."""
+    (seen with TORCH_LOGS=recompiles; this tiny model does not show it, so the layout is checked directly). Warm-up
+    covers the first completed block, whose step runs layer by layer (the block's box is added eagerly)."""
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual"))
     chunk = model.config.memory_chunk_size
-    ids = random_ids(1, 6 * chunk + 70, seed=3)
+    start = (DECODE_BLOCK - 4) // chunk * chunk  # a chunk boundary a few entities before the first block completes
+    ids = random_ids(1, start + 60, seed=3)
     with torch.no_grad():
         cache = DFNCache(model.config)
-        model(ids[:, : 6 * chunk], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
+        model(ids[:, :start], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
         assert all(t.is_contiguous() for layer in cache.layers for t in layer.memory.values())
         model.compile_decoding()
-        for i in range(6 * chunk, 6 * chunk + 2):  # warm-up: before the first commit of a decoding step
+        for i in range(start, DECODE_BLOCK + 1):  # warm-up: a block completes, no memory commit yet
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        assert start + chunk > DECODE_BLOCK + 1 and cache.layers[0].boxes.num_blocks == 1
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for i in range(6 * chunk + 2, ids.shape[1]):  # commits, and the buffer (64 rows) grows
+        capacity = cache.layers[0].entities.buffer.shape[1]
+        for i in range(DECODE_BLOCK + 1, ids.shape[1]):  # commits, and the buffers grow
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
-    assert cache.layers[0].entities.buffer.shape[1] > 64 and cache.layers[0].key_positions.buffer.shape[-1] > 64
+    assert cache.layers[0].entities.buffer.shape[1] > capacity
+    assert cache.layers[0].key_positions.buffer.shape[-1] > capacity
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
