@@ -8,7 +8,6 @@ Axis legend: B batch, N new entities, T all entities (cached + new), H heads, k 
 D head_dim, E hidden_size, M memory slots.
 """
 
-import functools
 import math
 import numbers
 import warnings
@@ -638,17 +637,27 @@ class CompiledStep(NamedTuple):
     decode_layers: Callable  # _decode_layers
 
 
-@functools.cache
-def _compiled_step(options: tuple) -> CompiledStep:
-    """The `CompiledStep` functions compiled with `torch.compile(dynamic=True, **options)`, once per process: the
-    layers are arguments, so all layers of one structure share a graph (`_update_then_project` has a second one for
-    the last layer, which has no next layer to project for)."""
-    kwargs = {"dynamic": True, **dict(options)}
-    steps = (
-        DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project,
-        _decode_layers,
-    )  # fmt: skip
-    return CompiledStep(*(torch.compile(step, **kwargs) for step in steps))
+_COMPILED_STEPS: dict[str, CompiledStep] = {}
+
+
+def _compiled_step(compile_options: dict, cpu: bool) -> CompiledStep:
+    """The `CompiledStep` functions compiled with `torch.compile(dynamic=True, **compile_options)`, once per process
+    and options: the layers are arguments, so all layers of one structure share a graph (`_update_then_project` has a
+    second one for the last layer, which has no next layer to project for). For a model on the CPU, `_decode_layers`
+    runs Inductor's C++ wrapper unless the options set `mode` or `cpp_wrapper`: it calls a step's kernels and matrix
+    products without the generated Python wrapper (hundreds of lines per call), which costs about 0.2-0.5 ms a step
+    (its compile takes about twice as long)."""
+    key = repr((sorted(compile_options.items()), cpu))
+    if key not in _COMPILED_STEPS:
+        kwargs = {"dynamic": True, **compile_options}
+        whole = kwargs
+        if cpu and "mode" not in kwargs:
+            whole = {**kwargs, "options": {"cpp_wrapper": True, **kwargs.get("options", {})}}
+        layerwise = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project)
+        _COMPILED_STEPS[key] = CompiledStep(
+            *(torch.compile(step, **kwargs) for step in layerwise), torch.compile(_decode_layers, **whole)
+        )
+    return _COMPILED_STEPS[key]
 
 
 def check_call(cache, kwargs: dict) -> None:
@@ -723,16 +732,19 @@ class DFNPreTrainedModel(PreTrainedModel):
 
     def compile_decoding(self, **compile_options):
         """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
-        `torch.compile(dynamic=True, **compile_options)`: each layer's projections and flow (`_project`), its exact
-        scan, kernel mix, field memory and MLP (`_update`), and the search over the box tree's blocks where a step
-        bounds them all at once (`_flat_tree_search`). A step runs the first layer's `_project`, then per layer one
-        call of `_update_then_project` (its update and the next layer's projections); it goes layer by layer instead
-        where every layer's states or positions are asked for, or a layer has hooks (e.g. accelerate's offloading).
-        The cache's bookkeeping and the tree's deeper descent and fallback stay eager, so a growing cache (new blocks,
-        memory commits, longer contexts) reuses the same graphs. Full passes, training and calls with several new
-        entities are unchanged; the eager step stays the reference (tested equal). The first decoding steps compile:
-        tens of seconds, and on CPU a C++ compiler is needed. Returns the model."""
-        step = _compiled_step(tuple(sorted(compile_options.items())))
+        `torch.compile(dynamic=True, **compile_options)`. A step is one compiled call through all layers
+        (`_decode_layers`): per layer its projections and flow, the new entity's write into the cache's buffers, the
+        exact scan or the search over the box tree's blocks, the kernel mix, the field memory and the MLP. On the CPU
+        that call runs Inductor's C++ wrapper (see `_compiled_step`). A step goes layer by layer instead, through the
+        compiled `_project` and `_update_then_project` (a layer's update and the next layer's projections), where the
+        new entity completes a block of the box tree (one step in 64), the memory state is rebuilt after a crop, a box
+        search was not exact, the tree has more blocks than a step bounds at once, every layer's states or positions
+        are asked for, or a layer has hooks (e.g. accelerate's offloading). The cache's bookkeeping and the tree's
+        deeper descent and fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses
+        the same graphs. Full passes, training and calls with several new entities are unchanged; the eager step stays
+        the reference (tested equal). The first decoding steps compile: a minute or two on the CPU, where a C++
+        compiler is needed. Returns the model."""
+        step = _compiled_step(compile_options, self.device.type == "cpu")
         for layer in self.base_model.layers:
             layer.compiled_step = step
         return self
