@@ -136,3 +136,33 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
     model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1))
     assert max_diff(decode_padded(model), eager) <= 1e-4
     assert len(hooked) == 1 + 10 + 14  # the prefill and every step
+
+
+def test_compiled_decoding_of_a_bounded_cache_and_beam_search():
+    """The one-call step where the kept rows no longer start at the buffer's front (a bounded cache drops the oldest
+    entities), and where beam search reorders the cache's buffers between steps: compiled as eager."""
+    torch._dynamo.reset()
+    model = make_model(tiny_config("k3-mem-residual"))
+    ids = random_ids(1, 100, seed=5)
+    prompt = random_ids(2, 9, seed=1)
+
+    def bounded(model):
+        with torch.no_grad():
+            cache = DFNCache(model.config, window=40)
+            model(ids[:, :50], cache=cache)
+            logits = torch.cat([model(ids[:, i : i + 1], cache=cache).logits for i in range(50, 100)], 1)
+        return logits, cache
+
+    eager, _ = bounded(model)
+    eager_beams = model.generate(prompt, num_beams=3, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    model.compile_decoding(options={"cpp_wrapper": False})
+    calls = {"decode_layers": 0}
+    step = model.model.layers[0].compiled_step
+    counted_step = step._replace(decode_layers=counted(step.decode_layers, "decode_layers", calls))
+    for layer in model.model.layers:
+        layer.compiled_step = counted_step
+    compiled, cache = bounded(model)
+    assert cache.layers[0].entities.start > 0 and calls["decode_layers"] == 50
+    assert max_diff(compiled, eager) <= 1e-4
+    compiled_beams = model.generate(prompt, num_beams=3, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(compiled_beams, eager_beams) and calls["decode_layers"] > 50
