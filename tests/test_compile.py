@@ -44,7 +44,7 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block (graphs for 0 and 1 tail entities)
     with torch.no_grad():
         full = model(ids).logits
-    model.compile_decoding()  # the default: on the CPU the whole step runs Inductor's C++ wrapper
+    model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
     calls = dict.fromkeys(CompiledStep._fields, 0)
     step = model.model.layers[0].compiled_step
     step = CompiledStep(*(counted(function, name, calls) for name, function in step._asdict().items()))
@@ -94,7 +94,7 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
         cache = DFNCache(model.config)
         model(ids[:, :start], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
         assert all(t.is_contiguous() for layer in cache.layers for t in layer.memory.values())
-        model.compile_decoding(options={"cpp_wrapper": False})  # (compiles in half the time)
+        model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
         for i in range(start, DECODE_BLOCK + 1):  # warm-up: a block completes, no memory commit yet
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
         assert start + chunk > DECODE_BLOCK + 1 and cache.layers[0].boxes.num_blocks == 1
@@ -130,7 +130,7 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
         return torch.cat(steps, 1)
 
     eager = decode_padded(model)
-    model.compile_decoding(options={"cpp_wrapper": False})  # (compiles in half the time)
+    model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
     assert max_diff(decode_padded(model), eager) <= 1e-4
     hooked = []
     model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1))
@@ -138,8 +138,10 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
     assert len(hooked) == 1 + 10 + 14  # the prefill and every step
 
 
+@pytest.mark.slow
 def test_compiled_decoding_of_a_bounded_cache_and_beam_search():
-    """The one-call step where the kept rows no longer start at the buffer's front (a bounded cache drops the oldest
+    """The default compile (on the CPU the one-call step runs Inductor's C++ wrapper, which compiles for minutes on a
+    cold cache: slow), where the kept rows no longer start at the buffer's front (a bounded cache drops the oldest
     entities), and where beam search reorders the cache's buffers between steps: compiled as eager."""
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual"))
@@ -155,7 +157,7 @@ def test_compiled_decoding_of_a_bounded_cache_and_beam_search():
 
     eager, _ = bounded(model)
     eager_beams = model.generate(prompt, num_beams=3, do_sample=False, max_new_tokens=12, eos_token_id=None)
-    model.compile_decoding(options={"cpp_wrapper": False})
+    model.compile_decoding()
     calls = {"decode_layers": 0}
     step = model.model.layers[0].compiled_step
     counted_step = step._replace(decode_layers=counted(step.decode_layers, "decode_layers", calls))
