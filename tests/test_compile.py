@@ -44,7 +44,7 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block (graphs for 0 and 1 tail entities)
     with torch.no_grad():
         full = model(ids).logits
-    model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
+    model.compile_decoding()  # the default: on the CPU the one-call step runs Inductor's C++ wrapper
     calls = dict.fromkeys(CompiledStep._fields, 0)
     step = model.model.layers[0].compiled_step
     step = CompiledStep(*(counted(function, name, calls) for name, function in step._asdict().items()))
@@ -94,7 +94,7 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
         cache = DFNCache(model.config)
         model(ids[:, :start], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
         assert all(t.is_contiguous() for layer in cache.layers for t in layer.memory.values())
-        model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
+        model.compile_decoding(options={"cpp_wrapper": False})  # (the default C++ wrapper: tested above)
         for i in range(start, DECODE_BLOCK + 1):  # warm-up: a block completes, no memory commit yet
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
         assert start + chunk > DECODE_BLOCK + 1 and cache.layers[0].boxes.num_blocks == 1
@@ -130,7 +130,7 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
         return torch.cat(steps, 1)
 
     eager = decode_padded(model)
-    model.compile_decoding(options={"cpp_wrapper": False})  # (the CPU default, a C++ wrapper: slow test below)
+    model.compile_decoding(options={"cpp_wrapper": False})  # (the default C++ wrapper: tested above)
     assert max_diff(decode_padded(model), eager) <= 1e-4
     hooked = []
     model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1))
@@ -140,9 +140,9 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
 
 @pytest.mark.slow
 def test_compiled_decoding_of_a_bounded_cache_and_beam_search():
-    """The default compile (on the CPU the one-call step runs Inductor's C++ wrapper, which compiles for minutes on a
-    cold cache: slow), where the kept rows no longer start at the buffer's front (a bounded cache drops the oldest
-    entities), and where beam search reorders the cache's buffers between steps: compiled as eager."""
+    """The one-call step where the kept rows no longer start at the buffer's front (a bounded cache drops the oldest
+    entities), and where beam search reorders the cache's buffers between steps: compiled as eager. (Slow: each new
+    graph compiles for about a minute on a cold Inductor cache.)"""
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual"))
     ids = random_ids(1, 100, seed=5)
