@@ -377,3 +377,21 @@ def test_flat_block_search_equals_oracle_where_it_settles(name):
             assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
     if name == "time":
         assert settled_steps == len(range(1100, length, 37))
+
+
+@pytest.mark.parametrize("n", [9, 33, 150, 2048])
+def test_grouped_smallest_equals_topk(n):
+    """`smallest` (the block bounds' selection of compiled decoding): topk's values, in order, at indices that hold
+    them, each index once (never the padding to whole groups); also with many ties, with +inf (empty blocks' bounds)
+    and with the smallest entries packed into one group."""
+    generator = torch.Generator().manual_seed(n)
+    for values in (
+        torch.randn(2, 3, n, generator=generator),
+        torch.randint(0, 4, (2, 3, n), generator=generator).float(),
+        torch.arange(n, dtype=torch.float32).flip(0).expand(2, 3, n),
+        torch.full((2, 3, n), float("inf")).index_fill(-1, torch.tensor([n // 2]), 1.0),
+    ):
+        best, index = nd.smallest(values, 9)
+        assert torch.equal(best, torch.topk(values, 9, dim=-1, largest=False).values)
+        assert torch.equal(values.gather(-1, index), best)
+        assert (index.sort(-1).values.diff(dim=-1) > 0).all() and (index < n).all()
