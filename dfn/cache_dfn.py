@@ -3,6 +3,7 @@
 Axis legend: B batch, T cached entities (padding included), H heads, k pos_dim, D head_dim, F = k + D + 1.
 """
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -297,6 +298,7 @@ class DFNCache(Cache):
         self.mask_rows: RowBuffer | None = None
         self.real_seen: torch.Tensor | None = None
         self.seen = 0
+        self.owner: weakref.ref | None = None  # the model whose entities it holds (see `check_compatible`)
 
     @property
     def entity_mask(self) -> torch.Tensor | None:
@@ -307,12 +309,22 @@ class DFNCache(Cache):
     def is_croppable(self) -> bool:
         return self.window is None
 
-    def check_compatible(self, config, batch_size: int) -> None:
-        """Raise a clear error if this cache was made for another model or another batch."""
-        expected = cache_signature(config)
-        if self.signature != expected:
-            wrong = {k: (self.signature.get(k), v) for k, v in expected.items() if self.signature.get(k) != v}
-            raise ValueError(f"This DFNCache was built for another model configuration: (cache, model) = {wrong}")
+    def check_compatible(self, model, batch_size: int) -> None:
+        """Raise a clear error if this cache holds another model's entities (a cache belongs to the first model that
+        writes to it, until `reset`: another model, even of the same configuration, would read states it never made)
+        or another batch's. An empty cache is checked against the model's configuration and adopted."""
+        held = self.seen > 0 and self.owner is not None
+        if not held or self.owner() is not model:
+            expected = cache_signature(model.config)
+            if self.signature != expected:
+                wrong = {k: (self.signature.get(k), v) for k, v in expected.items() if self.signature.get(k) != v}
+                raise ValueError(f"This DFNCache was built for another model configuration: (cache, model) = {wrong}")
+            if held:
+                raise ValueError(
+                    "This DFNCache holds the entities of another model instance: its states and positions mean "
+                    "nothing to this one. Give each model its own cache (or reset() this one)."
+                )
+            self.owner = weakref.ref(model)
         if self.entity_mask is not None and self.entity_mask.shape[0] != batch_size:
             raise ValueError(
                 f"This DFNCache holds {self.entity_mask.shape[0]} sequences but the input has batch size {batch_size}"
@@ -375,7 +387,7 @@ class DFNCache(Cache):
 
     def reset(self):
         super().reset()
-        self.mask_rows = self.real_seen = None
+        self.mask_rows = self.real_seen = self.owner = None
         self.seen = 0
 
 

@@ -406,10 +406,13 @@ class DFNFlowLayer(GradientCheckpointingLayer):
 
     def _decoding_step(self, cache_layer, length: int) -> "CompiledStep | None":
         """The compiled step (see `DFNPreTrainedModel.compile_decoding`) where this call is a decoding step that can
-        use it: one new entity per row, a cache, no gradients."""
-        if self.compiled_step is not None and cache_layer is not None and length == 1 and not torch.is_grad_enabled():
-            return self.compiled_step
-        return None
+        use it: one new entity per row, a cache, no gradients, no global module hooks (which expect every module's
+        forward to run eagerly)."""
+        if self.compiled_step is None or cache_layer is None or length != 1 or torch.is_grad_enabled():
+            return None
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        return self.compiled_step
 
     def _prepare(self, projected: tuple, key_mask, cache_layer, step: "CompiledStep | None") -> tuple:
         """Between `_project` and `_update`, what needs the cache: append the new entities, search the box tree (its
@@ -420,7 +423,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         features, keys = self._append(positions, values, log_weights, key_mask, cache_layer)
         neighbors = None
         boxes = cache_layer.boxes if cache_layer is not None else None
-        if self.config.neighbor_search == "auto" and searches_box_tree(boxes, length):
+        if self._searches_tree(boxes, length):
             flat_search = step.flat_search if step is not None else None
             neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, flat_search)
         memory = None
@@ -432,8 +435,12 @@ class DFNFlowLayer(GradientCheckpointingLayer):
     def _store_memory(cache_layer, memory: dict | None) -> None:
         if cache_layer is not None and memory is not None:
             # contiguous: a prefill leaves views of one packed tensor, a decoding step fresh tensors; one layout keeps
-            # compiled decoding steps from compiling again at the first memory commit
-            cache_layer.memory = {name: t.detach().contiguous() for name, t in memory.items()}
+            # compiled decoding steps from compiling again at the first memory commit (a decoding step's own tensors
+            # are kept as they are: a copy per tensor would cost more than the rest of this bookkeeping)
+            cache_layer.memory = {
+                name: t if t._base is None and t.is_contiguous() and not t.requires_grad else t.detach().contiguous()
+                for name, t in memory.items()
+            }
             cache_layer.memory_stale = False
 
     def _project(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple:
@@ -473,6 +480,10 @@ class DFNFlowLayer(GradientCheckpointingLayer):
     def _pack(positions, values, log_weights) -> torch.Tensor:
         """The cache's packed features `(B, N, H, k + D + 1)` of entities: positions, value, log influence weight."""
         return torch.cat([positions, values, log_weights.unsqueeze(-1)], dim=-1)
+
+    def _searches_tree(self, boxes, length: int) -> bool:
+        """Whether `length` new entities search the cache's box tree `boxes` (else they scan every key)."""
+        return self.config.neighbor_search == "auto" and searches_box_tree(boxes, length)
 
     def _neighbors(self, queries, keys, key_mask, boxes=None) -> tuple:
         """Indices and validity `(B, N, H, K)` of the K earlier entities nearest to each query point `(B, N, H, k)`
@@ -602,13 +613,24 @@ def _update_then_project(layer, following, hidden_states, x, positions, *update_
     return hidden_states, memory, projected
 
 
-def _decode_layers(layers, hidden_states, positions, position_ids, entity_mask, key_mask, stores, memories, boxes):
-    """A whole decoding step's tensor work through `layers`, as one compiled call: per layer its projections, the
-    new entity's write into the cache's buffers (`stores`, see `DFNCacheLayer.step_store`), the search over the
-    tree's block boxes `(low, high)` where `boxes` gives them, the update with the memory state of `memories`.
-    Returns the last layer's states `(B, 1, E)`, each layer's new memory state, and whether every box search was
-    exact (a 0-d bool; None where none ran), else the caller runs the step layer by layer."""
-    projected = DFNFlowLayer._project(layers[0], hidden_states, positions)
+def entity_times(entity_mask: torch.Tensor, past_real: torch.Tensor | None) -> torch.Tensor:
+    """`(B, N)` time index of each new entity: its count among the real entities of its row (`entity_mask` `(B, N)`),
+    continuing from `past_real` `(B,)` real entities before them (None: none); padding gets its predecessor's."""
+    times = entity_mask.long().cumsum(1).sub(1).clamp_min(0)
+    return times if past_real is None else times + past_real.view(-1, 1)
+
+
+def _decode_layers(model, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes):
+    """A whole decoding step's tensor work through `model` (a `DFNModel`), as one compiled call: the new entities'
+    time positions, then per layer its projections, the new entity's write into the cache's buffers (`stores`, see
+    `DFNCacheLayer.step_store`), the search over the tree's block boxes `(low, high)` where `boxes` gives them, the
+    update with the memory state of `memories`; then the final norm. Returns the normalised states `(B, 1, E)`, each
+    layer's new memory state, and whether every box search was exact (a 0-d bool; None where none ran), else the
+    caller runs the step layer by layer."""
+    layers = model.layers
+    position_ids = entity_times(entity_mask, past_real)
+    hidden_states = inputs_embeds
+    projected = DFNFlowLayer._project(layers[0], hidden_states, model.initial_positions(position_ids))
     new_memories, settled = [], None
     for index, layer in enumerate(layers):
         _, moved, queries, values, log_weights, _ = projected
@@ -624,7 +646,7 @@ def _decode_layers(layers, hidden_states, positions, position_ids, entity_mask, 
         new_memories.append(memory)
         if index + 1 < len(layers):
             projected = DFNFlowLayer._project(layers[index + 1], hidden_states, moved)
-    return hidden_states, new_memories, settled
+    return model.norm(hidden_states), new_memories, settled
 
 
 class CompiledStep(NamedTuple):
@@ -733,17 +755,18 @@ class DFNPreTrainedModel(PreTrainedModel):
     def compile_decoding(self, **compile_options):
         """Compile the tensor work of cached decoding steps (one new entity per row, no gradients) with
         `torch.compile(dynamic=True, **compile_options)`. A step is one compiled call through all layers
-        (`_decode_layers`): per layer its projections and flow, the new entity's write into the cache's buffers, the
-        exact scan or the search over the box tree's blocks, the kernel mix, the field memory and the MLP. On the CPU
-        that call runs Inductor's C++ wrapper (see `_compiled_step`). A step goes layer by layer instead, through the
-        compiled `_project` and `_update_then_project` (a layer's update and the next layer's projections), where the
-        new entity completes a block of the box tree (one step in 64), the memory state is rebuilt after a crop, a box
-        search was not exact, the tree has more blocks than a step bounds at once, every layer's states or positions
-        are asked for, or a layer has hooks (e.g. accelerate's offloading). The cache's bookkeeping and the tree's
-        deeper descent and fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses
-        the same graphs. Full passes, training and calls with several new entities are unchanged; the eager step stays
-        the reference (tested equal). The first decoding steps compile: a minute or two on the CPU, where a C++
-        compiler is needed. Returns the model."""
+        (`_decode_layers`): the new entity's time position, per layer its projections and flow, its write into the
+        cache's buffers, the exact scan or the search over the box tree's blocks, the kernel mix, the field memory and
+        the MLP, then the final norm. On the CPU that call runs Inductor's C++ wrapper (see `_compiled_step`). A step
+        goes layer by layer instead, through the compiled `_project` and `_update_then_project` (a layer's update and
+        the next layer's projections), where the new entity completes a block of the box tree (one step in 64), the
+        memory state is rebuilt after a crop, a box search was not exact, the tree has more blocks than a step bounds at
+        once, every layer's states or positions are asked for, or a layer or the final norm has hooks (e.g. accelerate's
+        offloading); with global module hooks a step is eager. The cache's bookkeeping and the tree's deeper descent and
+        fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses the same graphs.
+        Full passes, training and calls with several new entities are unchanged; the eager step stays the reference
+        (tested equal). The first decoding steps compile: a minute or two on the CPU, where a C++ compiler is needed.
+        Returns the model."""
         step = _compiled_step(compile_options, self.device.type == "cpu")
         for layer in self.base_model.layers:
             layer.compiled_step = step
@@ -839,40 +862,28 @@ class DFNModel(DFNPreTrainedModel):
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         if cache is not None:
-            cache.check_compatible(self.config, batch)
+            cache.check_compatible(self, batch)
         # a row may have no real entity yet only while a document is read in segments into a given cache
         entity_mask = self._entity_mask(attention_mask, cache, batch, length, inputs_embeds.device)
         if use_cache and cache is None:
             cache = DFNCache(self.config)
-        position_ids = entity_mask.long().cumsum(1).sub(1).clamp_min(0)
-        if cache is not None:  # continue each row's count of real entities
-            position_ids = position_ids + cache.real_lengths(batch, inputs_embeds.device).view(-1, 1)
+            cache.check_compatible(self, batch)  # (it now belongs to this model)
+        past_real = None  # real entities before the new ones, per row
+        if cache is not None:
+            past_real = cache.real_lengths(batch, inputs_embeds.device)
         key_mask = cache.append_mask(entity_mask) if cache is not None else entity_mask
 
-        hidden_states = inputs_embeds
-        positions = self.initial_positions(position_ids)
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_positions = (positions,) if output_positions else None
         step = self._fused_decoding_step(cache, length, output_hidden_states or output_positions)
+        hidden_states = all_hidden = all_positions = None
         if step is not None:
-            hidden_states = self._compiled_decoding_step(
-                step, hidden_states, positions, position_ids, entity_mask, key_mask, cache
-            )
-        else:
-            for layer in self.layers:
-                cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
-                hidden_states, positions = layer(
-                    hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer
-                )
-                if output_hidden_states:
-                    all_hidden += (hidden_states,)
-                if output_positions:
-                    all_positions += (positions,)
-        hidden_states = self.norm(hidden_states)
+            hidden_states = self._decode_layers_at_once(step, inputs_embeds, past_real, entity_mask, key_mask, cache)
+        if hidden_states is None:
+            hidden_states, all_hidden, all_positions = self._run_layers(
+                step, inputs_embeds, entity_times(entity_mask, past_real), entity_mask, key_mask, cache,
+                output_hidden_states, output_positions,
+            )  # fmt: skip
         if cache is not None:
             cache.trim()
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden_states,)
         return DFNModelOutput(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
@@ -880,29 +891,48 @@ class DFNModel(DFNPreTrainedModel):
             positions=all_positions,
         )
 
+    def _run_layers(
+        self, step, hidden_states, position_ids, entity_mask, key_mask, cache, output_hidden_states, output_positions
+    ) -> tuple:
+        """The layers one by one (each layer's forward, or `step`'s layer-by-layer compiled calls), then the final
+        norm. Returns the normalised states `(B, N, E)` and, where asked for, every layer's states and positions."""
+        positions = self.initial_positions(position_ids)
+        if step is not None:
+            args = (hidden_states, positions, position_ids, entity_mask, key_mask, cache)
+            return self.norm(self._compiled_layer_by_layer(step, *args)), None, None
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_positions = (positions,) if output_positions else None
+        for layer in self.layers:
+            cache_layer = cache.layers[layer.layer_idx] if cache is not None else None
+            hidden_states, positions = layer(hidden_states, positions, position_ids, entity_mask, key_mask, cache_layer)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_positions:
+                all_positions += (positions,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        return hidden_states, all_hidden, all_positions
+
     def _fused_decoding_step(self, cache, length: int, every_layer: bool) -> CompiledStep | None:
-        """The `CompiledStep` all layers share where this call can run `_compiled_decoding_step`: a decoding step (see
-        `DFNFlowLayer._decoding_step`) that asks for no layer's output (`every_layer`) and calls no layer hooks
-        (accelerate's device maps and offloading hook the layers' forward, which the fused step does not call)."""
+        """The `CompiledStep` all layers share where this call can run it (`_decode_layers_at_once`, else
+        `_run_layers`): a decoding step (see `DFNFlowLayer._decoding_step`) that asks for no layer's output
+        (`every_layer`) and calls no forward hooks of the layers or the final norm (accelerate's device maps and
+        offloading hook the layers' forward, which the compiled step does not call)."""
         step = self.layers[0]._decoding_step(cache.layers[0] if cache is not None else None, length)
         if step is None or every_layer:
             return None
         for layer in self.layers:
-            if layer.compiled_step is not step or hasattr(layer, "_hf_hook"):
+            if layer.compiled_step is not step or "_hf_hook" in layer.__dict__:
                 return None
-            if layer._forward_hooks or layer._forward_pre_hooks:
-                return None
+        if any(module._forward_hooks or module._forward_pre_hooks for module in (*self.layers, self.norm)):
+            return None
         return step
 
-    def _compiled_decoding_step(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
-        """The layers of a compiled decoding step: one compiled call for all of them (`_decode_layers`) where every
-        layer's cache takes the new entity with a plain write, its memory state is at hand and its box search needs no
-        eager descent; else as each layer's forward, but each layer's update and the next layer's projections run as
-        one compiled call (`_update_then_project`). Returns the last layer's states."""
-        args = (hidden_states, positions, position_ids, entity_mask, key_mask, cache)
-        decoded = self._decode_layers_at_once(step, *args)
-        if decoded is not None:
-            return decoded
+    def _compiled_layer_by_layer(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
+        """A compiled decoding step that `_decode_layers_at_once` does not take: as each layer's forward, but each
+        layer's update and the next layer's projections run as one compiled call (`_update_then_project`). Returns
+        the last layer's states."""
         projected = step.project(self.layers[0], hidden_states, positions)
         for layer, following in zip(self.layers, [*self.layers[1:], None], strict=True):
             cache_layer = cache.layers[layer.layer_idx]
@@ -914,33 +944,35 @@ class DFNModel(DFNPreTrainedModel):
             projected = next_projected
         return hidden_states
 
-    def _decode_layers_at_once(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
-        """`step.decode_layers` where it applies (see `_compiled_decoding_step`); the cache keeps its new entities
-        and memory states only if every box search was exact. Returns the last layer's states, or None."""
-        layers = [cache.layers[layer.layer_idx] for layer in self.layers]
-        stores = [layer.step_store() for layer in layers]
+    def _decode_layers_at_once(self, step, inputs_embeds, past_real, entity_mask, key_mask, cache):
+        """`step.decode_layers` where it applies: every layer's cache takes the new entity with a plain write, its
+        memory state is at hand and its box search needs no eager descent. The cache keeps the new entities and
+        memory states only if every box search was exact. Returns the normalised states, or None (then the step runs
+        layer by layer)."""
+        cache_layers = [cache.layers[layer.layer_idx] for layer in self.layers]
+        stores = [cache_layer.step_store() for cache_layer in cache_layers]
         if any(store is None for store in stores):
             return None
-        memories = [None] * len(layers)
+        memories = [None] * len(cache_layers)
         if self.config.use_memory:
-            if any(layer.memory is None or layer.memory_stale for layer in layers):
+            if any(cache_layer.memory is None or cache_layer.memory_stale for cache_layer in cache_layers):
                 return None
-            memories = [layer.memory for layer in layers]
+            memories = [cache_layer.memory for cache_layer in cache_layers]
         boxes = []
-        for layer in layers:
-            searched = self.config.neighbor_search == "auto" and searches_box_tree(layer.boxes, 1)
-            flat = flat_boxes(layer.boxes) if searched else None
+        for layer, cache_layer in zip(self.layers, cache_layers, strict=True):
+            searched = layer._searches_tree(cache_layer.boxes, 1)
+            flat = flat_boxes(cache_layer.boxes) if searched else None
             if searched and flat is None:
                 return None  # too many blocks to bound at once: the eager descent
             boxes.append(flat)
         hidden_states, memories, settled = step.decode_layers(
-            list(self.layers), hidden_states, positions, position_ids, entity_mask, key_mask, stores, memories, boxes
+            self, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes
         )
         if settled is not None and not bool(settled):
             return None  # a box search was not exact: the layer-by-layer step writes the same rows again
-        for layer, memory in zip(layers, memories, strict=True):
-            layer.advance()
-            DFNFlowLayer._store_memory(layer, memory)
+        for cache_layer, memory in zip(cache_layers, memories, strict=True):
+            cache_layer.advance()
+            DFNFlowLayer._store_memory(cache_layer, memory)
         return hidden_states
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -961,7 +993,7 @@ class DFNModel(DFNPreTrainedModel):
                 )
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one entity")
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(bound) for bound in torch.aminmax(input_ids))
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"

@@ -38,7 +38,7 @@ def counted(step, name: str, calls: dict):
 def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual")).to(device)
-    prompt = random_ids(2, 9, seed=1).to(device)
+    prompt = random_ids(1, 9, seed=1).to(device)  # one row, as below: a batch of 2 would compile other graphs
     eager = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 58  # past the threshold: the box tree is searched
     ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block (graphs for 0 and 1 tail entities)
@@ -94,7 +94,7 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
         cache = DFNCache(model.config)
         model(ids[:, :start], cache=cache, use_cache=True)  # the prefill's memory state, then decoding's
         assert all(t.is_contiguous() for layer in cache.layers for t in layer.memory.values())
-        model.compile_decoding(options={"cpp_wrapper": False})  # (the default C++ wrapper: tested above)
+        model.compile_decoding()  # the first test's graphs: on a cold Inductor cache they compile only there
         for i in range(start, DECODE_BLOCK + 1):  # warm-up: a block completes, no memory commit yet
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
         assert start + chunk > DECODE_BLOCK + 1 and cache.layers[0].boxes.num_blocks == 1
@@ -109,7 +109,8 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
 
 def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
     """pos_dim 1, left padding, a crop then more steps: compiled as eager. A layer with a forward hook (as accelerate's
-    offloading adds) is called through its forward, so the step goes layer by layer and the hook runs."""
+    offloading adds) is called through its forward, so the step goes layer by layer and the hook runs; so does a hook
+    on the final norm, and with a global module hook the whole step is eager."""
     torch._dynamo.reset()
     model = make_model(tiny_config("k1-mem-seed"))
     ids = random_ids(2, 40, seed=4)
@@ -133,9 +134,21 @@ def test_compiled_decoding_of_padded_rows_after_a_crop_and_with_hooks():
     model.compile_decoding(options={"cpp_wrapper": False})  # (the default C++ wrapper: tested above)
     assert max_diff(decode_padded(model), eager) <= 1e-4
     hooked = []
-    model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1))
-    assert max_diff(decode_padded(model), eager) <= 1e-4
+    with model.model.layers[1].register_forward_hook(lambda *args: hooked.append(1)):
+        assert max_diff(decode_padded(model), eager) <= 1e-4
     assert len(hooked) == 1 + 10 + 14  # the prefill and every step
+    # a hook on the final norm is called too (the one-call step would run the norm inside)
+    with model.model.norm.register_forward_hook(lambda *args: hooked.append(2)):
+        assert max_diff(decode_padded(model), eager) <= 1e-4
+    assert hooked.count(2) == 1 + 10 + 14
+
+    def on_module(module, *args):  # a global hook: every module's forward runs eagerly, the compiled step not at all
+        if module is model.model.norm or module is model.model.layers[0].mlp:
+            hooked.append(3)
+
+    with torch.nn.modules.module.register_module_forward_hook(on_module):
+        assert max_diff(decode_padded(model), eager) <= 1e-4
+    assert hooked.count(3) == 2 * (1 + 10 + 14)
 
 
 @pytest.mark.slow

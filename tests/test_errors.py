@@ -1,5 +1,6 @@
 """Bad input -> a clear error that says what is wrong; nothing silently wrong (issue 2, "Bad input")."""
 
+import copy
 import os
 
 import pytest
@@ -359,6 +360,22 @@ def test_cache_from_another_config_in_generate(model):
     out = other_model.generate(prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="num_hidden_layers"):
         model.generate(out.sequences, cache=out.cache, max_new_tokens=2, do_sample=False)
+
+
+def test_cache_from_another_model_of_the_same_config(model):
+    """Same config, other weights: the cache's states would be silently wrong for this model, so it is refused. A
+    deep copy of the cache still belongs to its model; after reset() it is anyone's."""
+    other_model = make_model(tiny_config(), seed=1)
+    with torch.no_grad():
+        cache = other_model(random_ids(1, 8), use_cache=True).cache
+        with pytest.raises(ValueError, match="another model instance"):
+            model(random_ids(1, 1), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="another model instance"):
+            model.generate(random_ids(1, 9), cache=cache, max_new_tokens=2, do_sample=False)
+        other_model(random_ids(1, 1), cache=copy.deepcopy(cache), use_cache=True)
+        cache.reset()
+        fresh = model(random_ids(1, 8), use_cache=True).logits
+        assert torch.equal(model(random_ids(1, 8), cache=cache, use_cache=True).logits, fresh)
 
 
 def test_cache_with_another_batch_size(model):
