@@ -922,12 +922,9 @@ class DFNModel(DFNPreTrainedModel):
         step = self.layers[0]._decoding_step(cache.layers[0] if cache is not None else None, length)
         if step is None or every_layer:
             return None
-        for layer in self.layers:
-            if layer.compiled_step is not step or "_hf_hook" in layer.__dict__:
-                return None
-        if any(module._forward_hooks or module._forward_pre_hooks for module in (*self.layers, self.norm)):
-            return None
-        return step
+        shared = all(layer.compiled_step is step and "_hf_hook" not in layer.__dict__ for layer in self.layers)
+        hooked = any(module._forward_hooks or module._forward_pre_hooks for module in (*self.layers, self.norm))
+        return step if shared and not hooked else None
 
     def _compiled_layer_by_layer(self, step, hidden_states, positions, position_ids, entity_mask, key_mask, cache):
         """A compiled decoding step that `_decode_layers_at_once` does not take: as each layer's forward, but each
