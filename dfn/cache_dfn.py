@@ -151,15 +151,11 @@ class DFNCacheLayer(CacheLayerMixin):
 
     def step_store(self) -> StepStore | None:
         """For a compiled decoding step that appends one new entity itself (`write_step`), then `advance`: the
-        buffers with room for it. None where the append needs more than a write: nothing cached yet, or the entity
-        completes a block of the box tree."""
+        buffers with room for it. None where nothing is cached yet."""
         if not self.is_initialized:
             return None
         self.entities.reserve(1)
         self.key_positions.reserve(1)
-        done = 0 if self.boxes is None else self.boxes.num_blocks
-        if self.entities.start == 0 and (self.entities.end + 1) // DECODE_BLOCK > done:
-            return None
         return StepStore(self.entities.buffer, self.key_positions.buffer, self.entities.start, self.entities.end)
 
     @staticmethod
@@ -176,10 +172,14 @@ class DFNCacheLayer(CacheLayerMixin):
             RowBuffer.view(store.positions, POSITIONS_TIME_DIM, store.start, length),
         )
 
-    def advance(self) -> None:
-        """Keep the entity a compiled decoding step wrote (`write_step`) into the buffers of `step_store`."""
+    def advance(self, key_valid: torch.Tensor) -> None:
+        """Keep the entity a compiled decoding step wrote (`write_step`) into the buffers of `step_store`;
+        `key_valid` `(B, T + 1)` as in `update`. Where it completes a block, the block's box joins the tree here:
+        the step searched that block as part of the unfinished tail."""
         self.entities.end += 1
         self.key_positions.end += 1
+        if self.entities.start == 0:
+            self._extend_boxes(key_valid)
 
     def _extend_boxes(self, key_valid: torch.Tensor) -> None:
         """Add the bounding boxes of newly completed blocks to the decoding search structure (`causal_knn_blocks`)."""

@@ -596,7 +596,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             cache_layer.positions[:, :length, :, 1:],
             cache_layer.entity_values[:, :length],
             cache_layer.log_weights[:, :length],
-            past_mask.long().cumsum(1) - 1,
+            entity_times(past_mask, None),
             past_mask,
             params,
             self.config.memory_chunk_size,
@@ -759,14 +759,14 @@ class DFNPreTrainedModel(PreTrainedModel):
         cache's buffers, the exact scan or the search over the box tree's blocks, the kernel mix, the field memory and
         the MLP, then the final norm. On the CPU that call runs Inductor's C++ wrapper (see `_compiled_step`). A step
         goes layer by layer instead, through the compiled `_project` and `_update_then_project` (a layer's update and
-        the next layer's projections), where the new entity completes a block of the box tree (one step in 64), the
-        memory state is rebuilt after a crop, a box search was not exact, the tree has more blocks than a step bounds at
-        once, every layer's states or positions are asked for, or a layer or the final norm has hooks (e.g. accelerate's
-        offloading); with global module hooks a step is eager. The cache's bookkeeping and the tree's deeper descent and
-        fallback stay eager, so a growing cache (new blocks, memory commits, longer contexts) reuses the same graphs.
-        Full passes, training and calls with several new entities are unchanged; the eager step stays the reference
-        (tested equal). The first decoding steps compile: a minute or two on the CPU, where a C++ compiler is needed.
-        Returns the model."""
+        the next layer's projections), where the memory state is rebuilt after a crop, a box search was not exact,
+        the tree has more blocks than a step bounds at once, every layer's states or positions are asked for, or a
+        layer or the final norm has hooks (e.g. accelerate's offloading); with global module hooks a step is eager.
+        The cache's bookkeeping and the tree's deeper descent and fallback stay eager (a completed block's box joins
+        the tree after the call), so a growing cache (new blocks, memory commits, longer contexts) reuses the same
+        graphs. Full passes, training and calls with several new entities are unchanged; the eager step stays the
+        reference (tested equal). The first decoding steps compile: a minute or two on the CPU, where a C++ compiler
+        is needed. Returns the model."""
         step = _compiled_step(compile_options, self.device.type == "cpu")
         for layer in self.base_model.layers:
             layer.compiled_step = step
@@ -942,10 +942,9 @@ class DFNModel(DFNPreTrainedModel):
         return hidden_states
 
     def _decode_layers_at_once(self, step, inputs_embeds, past_real, entity_mask, key_mask, cache):
-        """`step.decode_layers` where it applies: every layer's cache takes the new entity with a plain write, its
-        memory state is at hand and its box search needs no eager descent. The cache keeps the new entities and
-        memory states only if every box search was exact. Returns the normalised states, or None (then the step runs
-        layer by layer)."""
+        """`step.decode_layers` where it applies: every layer's cache holds entities, its memory state is at hand
+        and its box search needs no eager descent. The cache keeps the new entities and memory states only if every
+        box search was exact. Returns the normalised states, or None (then the step runs layer by layer)."""
         cache_layers = [cache.layers[layer.layer_idx] for layer in self.layers]
         stores = [cache_layer.step_store() for cache_layer in cache_layers]
         if any(store is None for store in stores):
@@ -968,7 +967,7 @@ class DFNModel(DFNPreTrainedModel):
         if settled is not None and not bool(settled):
             return None  # a box search was not exact: the layer-by-layer step writes the same rows again
         for cache_layer, memory in zip(cache_layers, memories, strict=True):
-            cache_layer.advance()
+            cache_layer.advance(key_mask)
             DFNFlowLayer._store_memory(cache_layer, memory)
         return hidden_states
 

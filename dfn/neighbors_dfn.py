@@ -601,8 +601,9 @@ def flat_boxes(boxes: BlockBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
     `_FLAT_MAX_BOXES` blocks, more than `_DECODE_TOP_BLOCKS`), else None (the step descends the tree)."""
     if not _DECODE_TOP_BLOCKS < boxes.num_blocks <= _FLAT_MAX_BOXES:
         return None
-    # contiguous copies: views of the growing buffers have strides a compiled graph would recompile for
-    return tuple(t.contiguous() for t in boxes.level(0))
+    # copies with the strides of a fresh tensor: views of the growing buffers have strides a compiled graph would
+    # recompile for each time a buffer grows (`contiguous()` keeps a batch of 1's view, whatever its batch stride)
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in boxes.level(0))
 
 
 def smallest(values: torch.Tensor, count: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     prompt = random_ids(1, 9, seed=1).to(device)  # one row, as below: a batch of 2 would compile other graphs
     eager = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
     tree = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK + 58  # past the threshold: the box tree is searched
-    ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block (graphs for 0 and 1 tail entities)
+    ids = random_ids(1, tree + 10, seed=2).to(device)  # decoding completes a block
     with torch.no_grad():
         full = model(ids).logits
     model.compile_decoding()  # the default: on the CPU the one-call step runs Inductor's C++ wrapper
@@ -54,8 +54,9 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     # one call per step for all layers, the scan inside (15 steps)
     assert calls == {"project": 0, "update": 0, "flat_search": 0, "update_then_project": 0, "decode_layers": 15}
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    # 10 steps past the threshold: the one that completes a block (its box is added eagerly) runs layer by layer
-    assert calls == {"project": 1, "update": 0, "flat_search": 2, "update_then_project": 2, "decode_layers": 24}
+    # 10 steps past the threshold, one call each; the one that completes a block searches it as part of the tail
+    # and its box joins the tree eagerly after the call
+    assert calls == {"project": 0, "update": 0, "flat_search": 0, "update_then_project": 0, "decode_layers": 25}
     decode_layers = step.decode_layers
 
     def inexact(*args):  # as if a box search was not exact: the step runs again layer by layer, on the same rows
@@ -66,7 +67,7 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     for layer in model.model.layers:
         layer.compiled_step = inexact_step
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    assert calls == {"project": 11, "update": 0, "flat_search": 22, "update_then_project": 22, "decode_layers": 33}
+    assert calls == {"project": 10, "update": 0, "flat_search": 20, "update_then_project": 20, "decode_layers": 35}
     for layer in model.model.layers:
         layer.compiled_step = step
     compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)
@@ -80,11 +81,12 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
 
 
 def test_compiled_decoding_compiles_nothing_more_after_warm_up():
-    """Memory commits and the cache buffer's growth keep every tensor's layout: a long generation never stops for
-    seconds to compile again (the buffer's rows once filled it exactly). The memory state a prefill leaves is stored
-    contiguous, as a decoding step's is: with the benchmark's model, its views made the first commit recompile
-    (seen with TORCH_LOGS=recompiles; this tiny model does not show it, so the layout is checked directly). Warm-up
-    covers the first completed block, whose step runs layer by layer (the block's box is added eagerly)."""
+    """Memory commits and the growth of the cache's buffers keep every tensor's layout: a long generation never stops
+    for seconds to compile again (the buffer's rows once filled it exactly; past the box-tree threshold, each time
+    the block boxes' buffer grew, until the step copied the boxes with fresh strides). The memory state a prefill
+    leaves is stored contiguous, as a decoding step's is: with the benchmark's model, its views made the first
+    commit recompile (seen with TORCH_LOGS=recompiles; this tiny model does not show it, so the layout is checked
+    directly)."""
     torch._dynamo.reset()
     model = make_model(tiny_config("k3-mem-residual"))
     chunk = model.config.memory_chunk_size
@@ -104,6 +106,20 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
     assert cache.layers[0].entities.buffer.shape[1] > capacity
     assert cache.layers[0].key_positions.buffer.shape[-1] > capacity
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+    start = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK  # past the threshold, every block complete: the tail starts empty
+    ids = random_ids(1, start + DECODE_BLOCK + 2, seed=4)
+    with torch.no_grad():
+        cache = DFNCache(model.config)
+        model(ids[:, :start], cache=cache, use_cache=True)
+        for i in range(start, start + 2):  # warm-up: tails of 1 and of 2 entities are two graphs
+            model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        capacity = cache.layers[0].boxes.low[0].shape[1]
+        for i in range(start + 2, ids.shape[1]):  # a block completes, the boxes' buffer grows, a tail of 1 again
+            model(ids[:, i : i + 1], cache=cache, use_cache=True)
+    assert cache.layers[0].boxes.low[0].shape[1] > capacity
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
