@@ -574,10 +574,10 @@ def causal_knn_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal kNN for one decoding query per row over the cache's box tree; result as the oracle's.
 
-    Candidates: the unfinished tail after the complete blocks, plus the `_DECODE_TOP_BLOCKS` blocks that
-    `_descend` finds nearest. The answer is exact when every row and head found K valid candidates strictly nearer
-    than every box left out (their entities cannot win, not even a tie); otherwise the step falls back to
-    `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(log n) box bounds plus
+    Candidates: the unfinished tail after the complete blocks (at most one block), plus the `_DECODE_TOP_BLOCKS`
+    blocks that `_descend` finds nearest. The answer is exact when every row and head found K valid candidates
+    strictly nearer than every box left out (their entities cannot win, not even a tie); otherwise the step falls
+    back to `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(log n) box bounds plus
     O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
     """
     with torch.no_grad():
@@ -585,10 +585,9 @@ def causal_knn_blocks(
         found, valid, settled = _search_blocks(
             query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, descended, boxes.num_blocks
         )
-    if stats is not None:
-        tail = query_offset + query_pos.shape[1] - boxes.num_blocks * DECODE_BLOCK
+    if stats is not None:  # the chosen blocks and the tail, read as a whole block
         stats["steps"] = stats.get("steps", 0) + 1
-        stats["candidates"] = stats.get("candidates", 0) + blocks.shape[-1] * DECODE_BLOCK + tail
+        stats["candidates"] = stats.get("candidates", 0) + (blocks.shape[-1] + 1) * DECODE_BLOCK
     if not bool(settled):
         if stats is not None:
             stats["fallbacks"] = stats.get("fallbacks", 0) + 1
@@ -650,12 +649,16 @@ def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, b
     offsets = torch.arange(DECODE_BLOCK, device=query.device)
     chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
     chosen = chosen.flatten(2)  # (B, H, top * block)
-    tail = torch.arange(num_blocks * DECODE_BLOCK, num_keys, device=query.device).expand(batch, heads, -1)
+    # the unfinished tail (1 to DECODE_BLOCK keys) as one whole block, the keys past the last masked: a fixed shape,
+    # so a compiled step has one graph whatever the tail's length (a tail of 1 would be a graph of its own)
+    tail = (num_blocks * DECODE_BLOCK + offsets).expand(batch, heads, -1)
     index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
+    inside = index < num_keys
+    index = index.clamp_max(num_keys - 1)
     rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
     cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
     dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
-    ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & (index < num_keys)
+    ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & inside
     if real is not None:
         ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
     best = torch.topk(
