@@ -348,6 +348,10 @@ class DFNCache(Cache):
         self.mask_rows.append(mask)
         self.real_seen = mask.sum(1) if self.real_seen is None else self.real_seen + mask.sum(1)
         self.seen += mask.shape[1]
+        if self.mask_rows.start:
+            # a bounded cache's window is a view at a moving offset, which compiled decoding steps specialise on
+            # (0 and 1 against the rest): a copy keeps one graph for every step
+            return self.entity_mask.clone()
         return self.entity_mask
 
     def trim(self) -> None:
