@@ -649,7 +649,7 @@ def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, b
     offsets = torch.arange(DECODE_BLOCK, device=query.device)
     chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
     chosen = chosen.flatten(2)  # (B, H, top * block)
-    # the unfinished tail (1 to DECODE_BLOCK keys) as one whole block, the keys past the last masked: a fixed shape,
+    # the unfinished tail (at most DECODE_BLOCK keys) as one whole block, the keys past the last masked: a fixed shape,
     # so a compiled step has one graph whatever the tail's length (a tail of 1 would be a graph of its own)
     tail = (num_blocks * DECODE_BLOCK + offsets).expand(batch, heads, -1)
     index = torch.cat([chosen, tail], dim=-1)  # (B, H, C)
