@@ -33,13 +33,17 @@ class RowBuffer:
     innermost (a scan over the rows of one coordinate then reads contiguous memory); `rows` is `(B, T, ...)` either way.
     """
 
-    def __init__(self, like: torch.Tensor, time_dim: int = 1):
+    def __init__(self, like: torch.Tensor, time_dim: int = 1, first: int = 0):
         """An empty buffer for rows like `like`'s, with room for them and a quarter more (so the decoding steps
-        after a prefill do not copy the whole context)."""
+        after a prefill do not copy the whole context). The rows start at row `first`, also after each compaction: a
+        bounded cache's buffers use 2, so the start a compiled decoding step is handed (or its offset in the mask) is
+        never 0 or 1, values Dynamo specialises a graph on. Else the step compiled again once the window began to
+        slide."""
         length = like.shape[1]
         self.time_dim = time_dim
-        self.buffer = self._empty(like.movedim(1, time_dim), max(64, length + length // 4))
-        self.start = self.end = 0
+        self.first = first
+        self.buffer = self._empty(like.movedim(1, time_dim), max(64, first + length + length // 4))
+        self.start = self.end = first
 
     def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
         shape = list(like.shape)
@@ -57,12 +61,12 @@ class RowBuffer:
         # the rows never fill the buffer exactly: a view of a whole buffer would make compiled decoding steps compile
         # once more (several seconds in the middle of a generation)
         if self.end + count >= self.buffer.shape[axis]:
-            kept, capacity = self.length, self.buffer.shape[axis]
-            if 2 * (kept + count) >= capacity:
-                capacity = max(kept + count + 1, 2 * capacity)
+            needed, capacity = self.first + self.length + count, self.buffer.shape[axis]
+            if 2 * needed >= capacity:
+                capacity = max(needed + 1, 2 * capacity)
             grown = self._empty(self.buffer, capacity)
-            grown.narrow(axis, 0, kept).copy_(self.buffer.narrow(axis, self.start, kept))
-            self.buffer, self.start, self.end = grown, 0, kept
+            grown.narrow(axis, self.first, self.length).copy_(self.buffer.narrow(axis, self.start, self.length))
+            self.buffer, self.start, self.end = grown, self.first, self.first + self.length
 
     @staticmethod
     def write(buffer: torch.Tensor, time_dim: int, end: int, new: torch.Tensor) -> None:
@@ -124,9 +128,10 @@ class DFNCacheLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, pos_dim: int):
+    def __init__(self, pos_dim: int, bounded: bool = False):
         super().__init__()
         self.pos_dim = pos_dim
+        self.bounded = bounded  # a bounded cache's layer: no block structure (it searches at most its window)
         self.entities: RowBuffer | None = None
         self.key_positions: RowBuffer | None = None
         self.memory: dict | None = None
@@ -134,8 +139,9 @@ class DFNCacheLayer(CacheLayerMixin):
         self.boxes: BlockBoxes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        self.entities = RowBuffer(key_states)
-        self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=POSITIONS_TIME_DIM)
+        first = 2 if self.bounded else 0  # see `RowBuffer`
+        self.entities = RowBuffer(key_states, first=first)
+        self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=POSITIONS_TIME_DIM, first=first)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, key_valid: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -145,7 +151,7 @@ class DFNCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states)
         self.entities.append(key_states)
         self.key_positions.append(key_states[..., : self.pos_dim])
-        if self.entities.start == 0:
+        if not self.bounded:
             self._extend_boxes(key_valid)
         return self.features
 
@@ -178,7 +184,7 @@ class DFNCacheLayer(CacheLayerMixin):
         the step searched that block as part of the unfinished tail."""
         self.entities.end += 1
         self.key_positions.end += 1
-        if self.entities.start == 0:
+        if not self.bounded:
             self._extend_boxes(key_valid)
 
     def _extend_boxes(self, key_valid: torch.Tensor) -> None:
@@ -191,11 +197,9 @@ class DFNCacheLayer(CacheLayerMixin):
             self.boxes.extend(self.positions, key_valid, done, complete)
 
     def trim(self, window: int) -> None:
-        """Keep only the last `window` entities (then at most `window` are searched: no block structure)."""
+        """Keep only the last `window` entities."""
         self.entities.keep_last(window)
         self.key_positions.keep_last(window)
-        if self.entities.start:
-            self.boxes = None
 
     @property
     def length(self) -> int:
@@ -290,7 +294,8 @@ class DFNCache(Cache):
     """
 
     def __init__(self, config, window: int | None = None):
-        super().__init__(layers=[DFNCacheLayer(config.pos_dim) for _ in range(config.num_hidden_layers)])
+        layers = [DFNCacheLayer(config.pos_dim, bounded=window is not None) for _ in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"DFNCache window must be None or an integer >= 1, got {window!r}")
         self.signature = cache_signature(config)
@@ -344,14 +349,10 @@ class DFNCache(Cache):
         """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""
         mask = mask.bool()
         if self.mask_rows is None:
-            self.mask_rows = RowBuffer(mask)
+            self.mask_rows = RowBuffer(mask, first=0 if self.window is None else 2)
         self.mask_rows.append(mask)
         self.real_seen = mask.sum(1) if self.real_seen is None else self.real_seen + mask.sum(1)
         self.seen += mask.shape[1]
-        if self.mask_rows.start:
-            # a bounded cache's window is a view at a moving offset, which compiled decoding steps specialise on
-            # (0 and 1 against the rest): a copy keeps one graph for every step
-            return self.entity_mask.clone()
         return self.entity_mask
 
     def trim(self) -> None:
