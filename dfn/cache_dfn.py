@@ -25,6 +25,9 @@ def cache_signature(config) -> dict:
     }
 
 
+BOUNDED_FIRST_ROW = 2  # where a bounded cache's buffers keep their rows from (see `RowBuffer`)
+
+
 class RowBuffer:
     """Rows `(B, T, ...)` appended along dim 1 into a buffer that is compacted to the front, or doubled, only when
     full: an append costs O(1) amortised instead of a copy of every kept row. `rows` is a view of the kept ones.
@@ -36,9 +39,9 @@ class RowBuffer:
     def __init__(self, like: torch.Tensor, time_dim: int = 1, first: int = 0):
         """An empty buffer for rows like `like`'s, with room for them and a quarter more (so the decoding steps
         after a prefill do not copy the whole context). The rows start at row `first`, also after each compaction: a
-        bounded cache's buffers use 2, so the start a compiled decoding step is handed (or its offset in the mask) is
-        never 0 or 1, values Dynamo specialises a graph on. Else the step compiled again once the window began to
-        slide."""
+        bounded cache's buffers use `BOUNDED_FIRST_ROW`, so the start a compiled decoding step is handed (or its
+        offset in the mask) is never 0 or 1, values Dynamo specialises a graph on. Else the step compiled again once
+        the window began to slide."""
         length = like.shape[1]
         self.time_dim = time_dim
         self.first = first
@@ -139,7 +142,7 @@ class DFNCacheLayer(CacheLayerMixin):
         self.boxes: BlockBoxes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        first = 2 if self.bounded else 0  # see `RowBuffer`
+        first = BOUNDED_FIRST_ROW if self.bounded else 0
         self.entities = RowBuffer(key_states, first=first)
         self.key_positions = RowBuffer(key_states[..., : self.pos_dim], time_dim=POSITIONS_TIME_DIM, first=first)
         self.is_initialized = True
@@ -349,7 +352,7 @@ class DFNCache(Cache):
         """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""
         mask = mask.bool()
         if self.mask_rows is None:
-            self.mask_rows = RowBuffer(mask, first=0 if self.window is None else 2)
+            self.mask_rows = RowBuffer(mask, first=0 if self.window is None else BOUNDED_FIRST_ROW)
         self.mask_rows.append(mask)
         self.real_seen = mask.sum(1) if self.real_seen is None else self.real_seen + mask.sum(1)
         self.seen += mask.shape[1]
