@@ -31,7 +31,7 @@ from .cache_dfn import DFNCache, DFNCacheLayer
 from .configuration_dfn import DFNConfig
 from .memory_dfn import initial_memory_state, memory_scan, squared_distance
 from .mix_triton import triton_available, triton_kernel_average
-from .neighbors_dfn import causal_knn, causal_knn_flat_blocks, flat_boxes, searches_box_tree
+from .neighbors_dfn import causal_knn, causal_knn_step_blocks, searches_box_tree, step_boxes
 
 logger = logging.get_logger(__name__)
 
@@ -424,8 +424,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         neighbors = None
         boxes = cache_layer.boxes if cache_layer is not None else None
         if self._searches_tree(boxes, length):
-            flat_search = step.flat_search if step is not None else None
-            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, flat_search)
+            tree_search = step.tree_search if step is not None else None
+            neighbors = self._tree_neighbors(queries, keys, key_mask, boxes, tree_search)
         memory = None
         if self.config.use_memory:  # (DFNModel rejects calls whose new entities are all padding)
             memory = self._memory_state(cache_layer, key_mask[:, : key_mask.shape[1] - length])
@@ -498,20 +498,20 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             boxes=boxes,
         )
 
-    def _tree_neighbors(self, queries, keys, key_mask, boxes, flat_search=None) -> tuple:
-        """A decoding step's neighbours over the cache's box tree `boxes`: through `flat_search` (a compiled
-        `_flat_tree_search`) where the tree's blocks are bounded all at once, with the scan where that does not settle
-        the answer; else the eager search (`causal_knn_blocks`)."""
-        flat = flat_boxes(boxes) if flat_search is not None else None
-        if flat is None:
+    def _tree_neighbors(self, queries, keys, key_mask, boxes, tree_search=None) -> tuple:
+        """A decoding step's neighbours over the cache's box tree `boxes`: through `tree_search` (a compiled
+        `_step_tree_search`) where `step_boxes` gives its buffers, with the scan where that does not settle the answer;
+        else the eager search (`causal_knn_blocks`)."""
+        levels = step_boxes(boxes) if tree_search is not None else None
+        if levels is None:
             return self._neighbors(queries, keys, key_mask, boxes)
-        indices, valid, settled = flat_search(self, queries, keys, key_mask, *flat)
+        indices, valid, settled = tree_search(self, queries, keys, key_mask, *levels)
         return (indices, valid) if bool(settled) else self._neighbors(queries, keys, key_mask)
 
-    def _flat_tree_search(self, queries, keys, key_mask, low, high) -> tuple:
-        """`causal_knn_flat_blocks` for this layer's queries and key positions (see `_tree_neighbors`)."""
+    def _step_tree_search(self, queries, keys, key_mask, *levels) -> tuple:
+        """`causal_knn_step_blocks` for this layer's queries and key positions (see `_tree_neighbors`)."""
         offset = keys.shape[1] - queries.shape[1]
-        return causal_knn_flat_blocks(queries, keys, key_mask, self.config.num_neighbors, offset, low, high)
+        return causal_knn_step_blocks(queries, keys, key_mask, self.config.num_neighbors, offset, *levels)
 
     def _update(
         self, hidden_states, x, positions, queries, values, log_weights, inv_two_var, features, keys, key_mask,
@@ -623,7 +623,7 @@ def entity_times(entity_mask: torch.Tensor, past_real: torch.Tensor | None) -> t
 def _decode_layers(model, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes):
     """A whole decoding step's tensor work through `model` (a `DFNModel`), as one compiled call: the new entities'
     time positions, then per layer its projections, the new entity's write into the cache's buffers (`stores`, see
-    `DFNCacheLayer.step_store`), the search over the tree's block boxes `(low, high)` where `boxes` gives them, the
+    `DFNCacheLayer.step_store`), the search over the box tree where `boxes` gives its buffers (`step_boxes`), the
     update with the memory state of `memories`; then the final norm. Returns the normalised states `(B, 1, E)`, each
     layer's new memory state, and whether every box search was exact (a 0-d bool; None where none ran), else the
     caller runs the step layer by layer."""
@@ -637,7 +637,7 @@ def _decode_layers(model, inputs_embeds, past_real, entity_mask, key_mask, store
         features, keys = DFNCacheLayer.write_step(stores[index], DFNFlowLayer._pack(moved, values, log_weights))
         neighbors = None
         if boxes[index] is not None:
-            *neighbors, exact = DFNFlowLayer._flat_tree_search(layer, queries, keys, key_mask, *boxes[index])
+            *neighbors, exact = DFNFlowLayer._step_tree_search(layer, queries, keys, key_mask, *boxes[index])
             settled = exact if settled is None else settled & exact
         hidden_states, memory = DFNFlowLayer._update(
             layer, hidden_states, *projected, features, keys, key_mask, neighbors, memories[index], position_ids,
@@ -654,7 +654,7 @@ class CompiledStep(NamedTuple):
 
     project: Callable  # DFNFlowLayer._project
     update: Callable  # DFNFlowLayer._update
-    flat_search: Callable  # DFNFlowLayer._flat_tree_search
+    tree_search: Callable  # DFNFlowLayer._step_tree_search
     update_then_project: Callable  # _update_then_project
     decode_layers: Callable  # _decode_layers
 
@@ -675,7 +675,7 @@ def _compiled_step(compile_options: dict, cpu: bool) -> CompiledStep:
         whole = kwargs
         if cpu and "mode" not in kwargs:
             whole = {**kwargs, "options": {"cpp_wrapper": True, **kwargs.get("options", {})}}
-        layerwise = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._flat_tree_search, _update_then_project)
+        layerwise = (DFNFlowLayer._project, DFNFlowLayer._update, DFNFlowLayer._step_tree_search, _update_then_project)
         _COMPILED_STEPS[key] = CompiledStep(
             *(torch.compile(step, **kwargs) for step in layerwise), torch.compile(_decode_layers, **whole)
         )
@@ -957,10 +957,10 @@ class DFNModel(DFNPreTrainedModel):
         boxes = []
         for layer, cache_layer in zip(self.layers, cache_layers, strict=True):
             searched = layer._searches_tree(cache_layer.boxes, 1)
-            flat = flat_boxes(cache_layer.boxes) if searched else None
-            if searched and flat is None:
-                return None  # too many blocks to bound at once: the eager descent
-            boxes.append(flat)
+            levels = step_boxes(cache_layer.boxes) if searched else None
+            if searched and levels is None:
+                return None  # a tree too large for the step's two levels: the eager descent
+            boxes.append(levels)
         hidden_states, memories, settled = step.decode_layers(
             self, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes
         )

@@ -454,7 +454,8 @@ class BlockBoxes:
 
     Level 0 holds the boxes `(B, n_0, H, k)` of the complete blocks of `DECODE_BLOCK` keys; node j of level l + 1
     bounds nodes `[j F, (j + 1) F)` of level l (F = `BOX_FANOUT`), up to a single root. Levels grow in place with
-    capacity doubling, so completing a block costs O(F log n) amortised, never a copy of every box.
+    capacity doubling, so completing a block costs O(F log n) amortised, never a copy of every box. A level's
+    buffer holds empty boxes (+inf, -inf) past its count: a compiled decoding step reads whole buffers.
     """
 
     def __init__(self):
@@ -479,12 +480,16 @@ class BlockBoxes:
     def crop(self, num_blocks: int) -> None:
         """Keep the first `num_blocks` blocks (their ancestors are rebuilt)."""
         self.counts = [min(self.num_blocks, num_blocks)]
+        self.low[0][:, self.counts[0] :], self.high[0][:, self.counts[0] :] = float("inf"), float("-inf")
         del self.low[1:], self.high[1:]
         self._refresh_parents(0, self.counts[0])
 
     def apply(self, fn) -> None:
         """Apply a batch-first `fn` (e.g. a beam reorder) to every level."""
-        self.low, self.high = [fn(t) for t in self.low], [fn(t) for t in self.high]
+        self.low, self.high = (
+            [_capacity_dynamic(fn(t)) for t in self.low],
+            [_capacity_dynamic(fn(t)) for t in self.high],
+        )
 
     def _write(self, level: int, start: int, low: torch.Tensor, high: torch.Tensor) -> None:
         stop = start + low.shape[1]
@@ -494,10 +499,10 @@ class BlockBoxes:
             self.counts.append(0)
         if stop > self.low[level].shape[1]:
             capacity = max(stop, 2 * self.low[level].shape[1], 16)
-            for buffers in (self.low, self.high):
-                grown = buffers[level].new_empty(buffers[level].shape[0], capacity, *buffers[level].shape[2:])
+            for buffers, empty in ((self.low, float("inf")), (self.high, float("-inf"))):
+                grown = buffers[level].new_full((buffers[level].shape[0], capacity, *buffers[level].shape[2:]), empty)
                 grown[:, : self.counts[level]] = buffers[level][:, : self.counts[level]]
-                buffers[level] = grown
+                buffers[level] = _capacity_dynamic(grown)
         self.low[level][:, start:stop] = low
         self.high[level][:, start:stop] = high
         self.counts[level] = max(self.counts[level], stop)
@@ -519,6 +524,14 @@ class BlockBoxes:
             level, first, last = level + 1, parent_first, parent_last
 
 
+def _capacity_dynamic(buffer: torch.Tensor) -> torch.Tensor:
+    """`buffer` `(B, capacity, H, k)`, its capacity marked as a size of its own for compiled decoding steps. Unmarked,
+    Dynamo gives sizes of equal value one symbol ("duck sizing"): a capacity of 16 or 256 would share the memory slots'
+    or the hidden size's, be specialised with them, and the step would compile again when the buffer grows."""
+    torch._dynamo.maybe_mark_dynamic(buffer, 1)
+    return buffer
+
+
 def _box_bounds(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Lower bounds `(B, H, c)` of the squared distance from `query` `(B, H, k)` to any key in boxes `(B, H, c, k)`."""
     query = query.unsqueeze(2)
@@ -526,32 +539,29 @@ def _box_bounds(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> t
     return _sq_dist([gap[..., c] for c in range(gap.shape[-1])], [torch.zeros_like(gap[..., 0])] * gap.shape[-1])
 
 
-def _descend(query: torch.Tensor, boxes: BlockBoxes, stats: dict | None):
-    """A beam descent of the box tree: the `_DECODE_TOP_BLOCKS` blocks `(B, H, top)` with the smallest box bounds,
-    the smallest bound `(B, H)` among the nodes left out on the way (None if none; keys in blocks not chosen are at
-    least that far), and whether the descent started above the blocks. Only then can a chosen index lie past the
-    last block (a child of the last, partial node): it stands for no block.
-
-    Starts at the lowest level with at most `_FLAT_MAX_BOXES` nodes, so a step bounds
-    O(_FLAT_MAX_BOXES + levels x beam x fanout) boxes: O(log n) in the number of blocks."""
+def _descend(query: torch.Tensor, levels: list, stats: dict | None = None) -> tuple:
+    """A beam descent of box levels `[(low, high) (B, n, H, k)]`, from the level it starts at down to the blocks:
+    every node of the first level is bounded, then the `_TREE_BEAM` nearest nodes of each level open their children.
+    Returns the `_DECODE_TOP_BLOCKS` blocks `(B, H, top)` with the smallest box bounds and the smallest bound `(B, H)`
+    among the nodes left out on the way (None if none; keys in blocks not chosen are at least that far). Below the
+    first level a chosen index may lie past the last block (a child of a partial node, or an empty box): the caller
+    masks blocks past its count."""
     batch, heads, _ = query.shape
-    level = start = next(i for i, count in enumerate(boxes.counts) if count <= _FLAT_MAX_BOXES)
-    low, high = boxes.level(level)
+    low, high = levels[0]
     bound = _box_bounds(query, low.transpose(1, 2), high.transpose(1, 2))  # every node of the starting level
     nodes, left_out, reads = None, None, bound.shape[-1]  # nodes None: the identity (node j is bound j)
-    while True:
-        keep = _DECODE_TOP_BLOCKS if level == 0 else _TREE_BEAM
+    for depth in range(len(levels)):
+        keep = _DECODE_TOP_BLOCKS if depth == len(levels) - 1 else _TREE_BEAM
         if bound.shape[-1] > keep:
             best, order = torch.topk(bound, keep + 1, dim=-1, largest=False)
             left_out = best[..., keep] if left_out is None else torch.minimum(left_out, best[..., keep])
             nodes = order[..., :keep] if nodes is None else nodes.gather(-1, order[..., :keep])
         elif nodes is None:
             nodes = torch.arange(bound.shape[-1], device=query.device).expand(batch, heads, -1)
-        if level == 0:
+        if depth == len(levels) - 1:
             break
-        level -= 1
         nodes = (nodes.unsqueeze(-1) * BOX_FANOUT + torch.arange(BOX_FANOUT, device=query.device)).flatten(2)
-        low, high = boxes.level(level)
+        low, high = levels[depth + 1]
         inside, clamped = nodes < low.shape[1], nodes.clamp_max(low.shape[1] - 1)
         rows = torch.arange(batch, device=query.device).view(-1, 1, 1)
         head_index = torch.arange(heads, device=query.device).view(1, -1, 1)
@@ -560,7 +570,7 @@ def _descend(query: torch.Tensor, boxes: BlockBoxes, stats: dict | None):
         reads += nodes.shape[-1]
     if stats is not None:
         stats["box_reads"] = stats.get("box_reads", 0) + reads
-    return nodes, left_out, start > 0
+    return nodes, left_out
 
 
 def causal_knn_blocks(
@@ -580,10 +590,14 @@ def causal_knn_blocks(
     back to `causal_knn_scan` (counted in `stats["fallbacks"]`). Cost per step: O(log n) box bounds plus
     O(K + top blocks x block) distances, instead of O(T) distances and a top-k over them.
     """
+    # start at the lowest level with at most _FLAT_MAX_BOXES nodes: O(_FLAT_MAX_BOXES + levels x beam x fanout) box
+    # bounds, O(log n) in the number of blocks
+    start = next(i for i, count in enumerate(boxes.counts) if count <= _FLAT_MAX_BOXES)
     with torch.no_grad():
-        blocks, left_out, descended = _descend(query_pos[:, -1].float(), boxes, stats)
+        levels = [boxes.level(index) for index in range(start, -1, -1)]
+        blocks, left_out = _descend(query_pos[:, -1].float(), levels, stats)
         found, valid, settled = _search_blocks(
-            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, descended, boxes.num_blocks
+            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, boxes.num_blocks
         )
     if stats is not None:  # the chosen blocks and the tail, read as a whole block
         stats["steps"] = stats.get("steps", 0) + 1
@@ -595,59 +609,42 @@ def causal_knn_blocks(
     return found, valid
 
 
-def flat_boxes(boxes: BlockBoxes) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The block boxes `(low, high)` `(B, n, H, k)` where a decoding step bounds them all at once (at most
-    `_FLAT_MAX_BOXES` blocks, more than `_DECODE_TOP_BLOCKS`), else None (the step descends the tree)."""
-    if not _DECODE_TOP_BLOCKS < boxes.num_blocks <= _FLAT_MAX_BOXES:
+def step_boxes(boxes: BlockBoxes) -> tuple[torch.Tensor, ...] | None:
+    """What a compiled decoding step descends (`causal_knn_step_blocks`): the whole buffers `(low, high)`
+    `(B, capacity, H, k)` of the tree's first level above the blocks, then of the blocks, empty boxes past their
+    counts; None past `_FLAT_MAX_BOXES` nodes of that level (the eager search starts higher).
+
+    Whole buffers, not views of their filled part: a view's strides follow the capacity while its shape follows the
+    count, and a compiled graph would compile again each time a buffer grows. Fixed at two levels, the step bounds
+    O(n / BOX_FANOUT + beam x fanout) boxes where bounding every block box cost about 30 µs a layer more at 128k."""
+    if len(boxes.counts) < 2 or boxes.counts[1] > _FLAT_MAX_BOXES:
         return None
-    # copies with the strides of a fresh tensor: views of the growing buffers have strides a compiled graph would
-    # recompile for each time a buffer grows (`contiguous()` keeps a batch of 1's view, whatever its batch stride)
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in boxes.level(0))
+    return boxes.low[1], boxes.high[1], boxes.low[0], boxes.high[0]
 
 
-def smallest(values: torch.Tensor, count: int, group: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `count` smallest of `values` `(..., n)` (n >= count, +inf allowed) along the last axis and their indices, as
-    `torch.topk(values, count, largest=False)` (the same values; among ties, maybe other indices), by two small
-    selections: the `count` groups of `group` neighbouring entries with the smallest minima hold `count` smallest
-    entries (an entry outside them lies in a group whose minimum is at least every chosen group's, and those hold
-    `count` entries at most that large). On the CPU one `topk` of 9 among 2,048 costs about 48 µs; this, compiled,
-    about 18 µs. The padding up to whole groups is NaN where it could be chosen: topk takes NaN after +inf."""
-    n = values.shape[-1]
-    num_groups = n // group + count + 1
-    padded = torch.nn.functional.pad(values, (0, group * num_groups - n), value=float("inf"))
-    minima = padded.unflatten(-1, (num_groups, group)).amin(-1)
-    minima = minima.masked_fill(torch.arange(num_groups, device=values.device) * group >= n, float("nan"))
-    _, chosen = torch.topk(minima, count, dim=-1, largest=False)  # (..., count)
-    members = (chosen.unsqueeze(-1) * group + torch.arange(group, device=values.device)).flatten(-2)
-    candidates = padded.gather(-1, members).masked_fill(members >= n, float("nan"))
-    best, where = torch.topk(candidates, count, dim=-1, largest=False)
-    return best, members.gather(-1, where)
-
-
-def causal_knn_flat_blocks(query_pos, key_pos, key_valid, num_neighbors: int, query_offset: int, low, high):
-    """`causal_knn_blocks` over the block boxes `low`, `high` of `flat_boxes`, without the fallback: tensor work
-    only (no host sync, no Python state), so a compiled graph can run it. Returns the neighbours and `settled` (a 0-d
+def causal_knn_step_blocks(query_pos, key_pos, key_valid, num_neighbors: int, query_offset: int, *levels):
+    """`causal_knn_blocks` over the box buffers `levels` of `step_boxes`, without the fallback: tensor work only (no
+    host sync, no Python state), so a compiled graph can run it. The blocks are those completed before the query
+    (a block the query completes is searched as the unfinished tail). Returns the neighbours and `settled` (a 0-d
     bool): where False, the answer is `causal_knn_scan`'s instead."""
     with torch.no_grad():
-        query = query_pos[:, -1].float()
-        bound = _box_bounds(query, low.transpose(1, 2), high.transpose(1, 2))  # (B, H, n)
-        best, order = smallest(bound, _DECODE_TOP_BLOCKS + 1)
-        blocks, left_out = order[..., :_DECODE_TOP_BLOCKS], best[..., _DECODE_TOP_BLOCKS]
+        pairs = [levels[index : index + 2] for index in range(0, len(levels), 2)]
+        blocks, left_out = _descend(query_pos[:, -1].float(), pairs)
         return _search_blocks(
-            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, False, low.shape[1]
+            query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, query_offset // DECODE_BLOCK
         )
 
 
-def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, descended, num_blocks):
-    """The K nearest among the chosen `blocks` `(B, H, top)` and the unfinished tail, and whether that is exact
-    (`settled`, a 0-d bool tensor): every K-th found is nearer than `left_out` `(B, H)`, the nearest box left out
-    (None: none left out), and K candidates were found."""
+def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, blocks, left_out, num_blocks):
+    """The K nearest among the chosen `blocks` `(B, H, top)` (those past the first `num_blocks` stand for none) and
+    the unfinished tail after them, and whether that is exact (`settled`, a 0-d bool tensor): every K-th found is
+    nearer than `left_out` `(B, H)`, the nearest box left out (None: none left out), and K candidates were found."""
     batch, num_queries, heads, dim = query_pos.shape
     num_keys = query_offset + num_queries
     query = query_pos[:, -1].float()  # (B, H, k)
-    real = blocks < num_blocks if descended else None  # (B, H, top)
+    real = blocks < num_blocks  # (B, H, top)
     offsets = torch.arange(DECODE_BLOCK, device=query.device)
-    chosen = (blocks.clamp_max(num_blocks - 1) if descended else blocks).unsqueeze(-1) * DECODE_BLOCK + offsets
+    chosen = blocks.clamp_max(num_blocks - 1).unsqueeze(-1) * DECODE_BLOCK + offsets
     chosen = chosen.flatten(2)  # (B, H, top * block)
     # the unfinished tail (at most DECODE_BLOCK keys) as one whole block, the keys past the last masked: a fixed shape,
     # so a compiled step has one graph whatever the tail's length (a tail of 1 would be a graph of its own)
@@ -659,8 +656,7 @@ def _search_blocks(query_pos, key_pos, key_valid, num_neighbors, query_offset, b
     cand = key_pos[rows, index, torch.arange(heads, device=query.device).view(1, -1, 1)].float()  # (B, H, C, k)
     dist = _sq_dist([query[..., c].unsqueeze(-1) for c in range(dim)], [cand[..., c] for c in range(dim)])
     ok = key_valid[rows.view(-1, 1), index.flatten(1)].view_as(index) & inside
-    if real is not None:
-        ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
+    ok[..., : chosen.shape[-1]] &= real.repeat_interleave(DECODE_BLOCK, dim=-1)
     best = torch.topk(
         _sort_keys(dist, index, ok), min(num_neighbors, index.shape[-1]), dim=-1, largest=False
     ).values  # (B, H, K')
@@ -721,9 +717,9 @@ __all__ = [
     "causal_knn",
     "causal_knn_blocks",
     "causal_knn_fast",
-    "causal_knn_flat_blocks",
     "causal_knn_reference",
     "causal_knn_scan",
-    "flat_boxes",
+    "causal_knn_step_blocks",
     "searches_box_tree",
+    "step_boxes",
 ]

@@ -51,7 +51,8 @@ def parse_args(argv=None):
         "--decode-flat-max",
         type=non_negative_int,
         default=0,
-        help="DFN decoding: blocks bounded all at once before the box-tree descent takes over (0: the library's)",
+        help="DFN decoding: most nodes of a box-tree level a step bounds all at once (eager: it starts at the "
+        "lowest such level; compiled: at the level above the blocks, else eagerly) (0: the library's)",
     )
     parser.add_argument(
         "--compile-decoding",

@@ -54,11 +54,11 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
         layer.compiled_step = step
     assert max_diff(decode(model, ids[:, :60], 45), full[:, 45:60]) <= 1e-4  # memory commits every 6 entities
     # one call per step for all layers, the scan inside (15 steps)
-    assert calls == {"project": 0, "update": 0, "flat_search": 0, "update_then_project": 0, "decode_layers": 15}
+    assert calls == {"project": 0, "update": 0, "tree_search": 0, "update_then_project": 0, "decode_layers": 15}
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
     # 10 steps past the threshold, one call each; the one that completes a block searches it as part of the tail
     # and its box joins the tree eagerly after the call
-    assert calls == {"project": 0, "update": 0, "flat_search": 0, "update_then_project": 0, "decode_layers": 25}
+    assert calls == {"project": 0, "update": 0, "tree_search": 0, "update_then_project": 0, "decode_layers": 25}
     decode_layers = step.decode_layers
 
     def inexact(*args):  # as if a box search was not exact: the step runs again layer by layer, on the same rows
@@ -69,7 +69,7 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
     for layer in model.model.layers:
         layer.compiled_step = inexact_step
     assert max_diff(decode(model, ids, tree), full[:, tree:]) <= 1e-4
-    assert calls == {"project": 10, "update": 0, "flat_search": 20, "update_then_project": 20, "decode_layers": 35}
+    assert calls == {"project": 10, "update": 0, "tree_search": 20, "update_then_project": 20, "decode_layers": 35}
     for layer in model.model.layers:
         layer.compiled_step = step
     compiled = model.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None)

@@ -359,39 +359,40 @@ def test_model_with_fast_search_equals_reference(config_name):
 
 
 @pytest.mark.parametrize("name", ["time", "iid", "clustered", "duplicates", "lattice", "equal"])
-def test_flat_block_search_equals_oracle_where_it_settles(name):
-    """The sync-free block search of compiled decoding: where it reports `settled` its answer is the oracle's, and on
-    the model's time-ordered layout it settles (elsewhere the caller falls back to the scan, as the eager search)."""
+def test_step_block_search_equals_oracle_where_it_settles(name):
+    """The sync-free block search of compiled decoding, over the tree's whole buffers: where it reports `settled` its
+    answer is the oracle's, also where the query completes a block that is already in the tree, and on the model's
+    time-ordered layout it settles (elsewhere the caller falls back to the scan, as the eager search)."""
     length, heads = 1500, 2
     pos, key_valid = layout(name, 4, length, heads, 2, seed=9), masks(length)
-    settled_steps = 0
-    for offset in range(1100, length, 37):
-        boxes = built_boxes(pos, key_valid, (offset + 1) // DECODE_BLOCK)
-        flat = nd.flat_boxes(boxes)
-        assert flat is not None  # ~20 blocks: bounded all at once
-        ref_idx, ref_valid = causal_knn_reference(pos[:, offset : offset + 1], pos, key_valid, 16, offset)
-        idx, valid, settled = nd.causal_knn_flat_blocks(pos[:, offset : offset + 1], pos, key_valid, 16, offset, *flat)
-        if bool(settled):
-            settled_steps += 1
-            assert torch.equal(valid, ref_valid), (name, offset)
-            assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
+    settled_steps = offsets = 0
+    for offset in [*range(1100, length, 37), 20 * DECODE_BLOCK - 1, 21 * DECODE_BLOCK]:
+        for completed in {offset // DECODE_BLOCK, (offset + 1) // DECODE_BLOCK}:  # as the one call, as layer by layer
+            boxes = built_boxes(pos, key_valid, completed)
+            levels = nd.step_boxes(boxes)
+            assert levels is not None and levels[2].shape[1] > boxes.num_blocks  # whole buffers, capacity to spare
+            ref_idx, ref_valid = causal_knn_reference(pos[:, offset : offset + 1], pos, key_valid, 16, offset)
+            query = pos[:, offset : offset + 1]
+            idx, valid, settled = nd.causal_knn_step_blocks(query, pos, key_valid, 16, offset, *levels)
+            offsets += 1
+            if bool(settled):
+                settled_steps += 1
+                assert torch.equal(valid, ref_valid), (name, offset)
+                assert torch.equal(idx.masked_fill(~valid, -1), ref_idx.masked_fill(~ref_valid, -1)), (name, offset)
     if name == "time":
-        assert settled_steps == len(range(1100, length, 37))
+        assert settled_steps == offsets
 
 
-@pytest.mark.parametrize("n", [9, 33, 150, 2048])
-def test_grouped_smallest_equals_topk(n):
-    """`smallest` (the block bounds' selection of compiled decoding): topk's values, in order, at indices that hold
-    them, each index once (never the padding to whole groups); also with many ties, with +inf (empty blocks' bounds)
-    and with the smallest entries packed into one group."""
-    generator = torch.Generator().manual_seed(n)
-    for values in (
-        torch.randn(2, 3, n, generator=generator),
-        torch.randint(0, 4, (2, 3, n), generator=generator).float(),
-        torch.arange(n, dtype=torch.float32).flip(0).expand(2, 3, n),
-        torch.full((2, 3, n), float("inf")).index_fill(-1, torch.tensor([n // 2]), 1.0),
-    ):
-        best, index = nd.smallest(values, 9)
-        assert torch.equal(best, torch.topk(values, 9, dim=-1, largest=False).values)
-        assert torch.equal(values.gather(-1, index), best)
-        assert (index.sort(-1).values.diff(dim=-1) > 0).all() and (index < n).all()
+def test_step_boxes_reads_whole_buffers_with_empty_boxes_past_the_counts(monkeypatch):
+    """The buffers a compiled step reads hold empty boxes past each level's count, also after a crop; past
+    `_FLAT_MAX_BOXES` nodes above the blocks there are none (the eager descent starts higher)."""
+    pos, key_valid = layout("iid", 2, 40 * DECODE_BLOCK, 2, 2, seed=5), masks(40 * DECODE_BLOCK)[:2]
+    boxes = built_boxes(pos, key_valid, 40, step=7)
+    boxes.crop(23)
+    low1, high1, low0, high0 = nd.step_boxes(boxes)
+    for low, high, count in ((low1, high1, boxes.counts[1]), (low0, high0, 23)):
+        assert torch.equal(low[:, :count], boxes.level(0 if low is low0 else 1)[0])
+        assert (low[:, count:] == float("inf")).all() and (high[:, count:] == float("-inf")).all()
+        assert low[:, count:].numel() > 0
+    monkeypatch.setattr(nd, "_FLAT_MAX_BOXES", 1)
+    assert nd.step_boxes(boxes) is None
