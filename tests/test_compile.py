@@ -12,7 +12,7 @@ from conftest import make_model, max_diff, random_ids, tiny_config
 from dfn import DFNCache
 from dfn.cache_dfn import BOUNDED_FIRST_ROW
 from dfn.modeling_dfn import CompiledStep
-from dfn.neighbors_dfn import _SCAN_MAX_BLOCKS, DECODE_BLOCK
+from dfn.neighbors_dfn import _SCAN_MAX_BLOCKS, BOX_FANOUT, DECODE_BLOCK
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
@@ -85,7 +85,8 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
 def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     """Memory commits and the growth of the cache's buffers keep every tensor's layout: a long generation never stops
     for seconds to compile again (the buffer's rows once filled it exactly; past the box-tree threshold, each time
-    the block boxes' buffer grew, until the step copied the boxes with fresh strides; and the first step with a tail
+    the block boxes' buffer grew, until the step copied the boxes with fresh strides, and when a box buffer whose
+    capacity equalled another size grew, until capacities were marked dynamic; and the first step with a tail
     of one entity after a completed block, a graph of its own until the tail was padded; in a bounded cache, once the
     window began to slide, and once its rows compacted, until they started at row 2). The memory state a prefill
     leaves is stored contiguous, as a decoding step's is: with the benchmark's model, its views made the first
@@ -112,17 +113,21 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     assert cache.layers[0].key_positions.buffer.shape[-1] > capacity
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
-    start = (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK  # past the threshold, every block complete: the tail starts empty
+    # past the threshold, every block complete (the tail starts empty), and the level above the blocks holds 16 boxes
+    # in a buffer of 16, the head_dim: Dynamo's duck sizing once gave both one symbol, specialised to 16
+    start = BOX_FANOUT * BOX_FANOUT * DECODE_BLOCK
+    assert start > (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK and model.config.hidden_size // 2 == BOX_FANOUT
     ids = random_ids(1, start + DECODE_BLOCK + 2, seed=4)
     with torch.no_grad():
         cache = DFNCache(model.config)
         model(ids[:, :start], cache=cache, use_cache=True)
         model(ids[:, start : start + 1], cache=cache, use_cache=True)  # warm-up: a tail of one entity
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        capacity = cache.layers[0].boxes.low[0].shape[1]
-        for i in range(start + 1, ids.shape[1]):  # longer tails, a block completes, the boxes' buffer grows
+        capacities = [buffer.shape[1] for buffer in cache.layers[0].boxes.low[:2]]
+        for i in range(start + 1, ids.shape[1]):  # longer tails, a block completes, both levels' buffers grow
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
-    assert cache.layers[0].boxes.low[0].shape[1] > capacity
+    assert capacities == [BOX_FANOUT**2, BOX_FANOUT]
+    assert [buffer.shape[1] for buffer in cache.layers[0].boxes.low[:2]] == [2 * BOX_FANOUT**2, 2 * BOX_FANOUT]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
     window = 2 * DECODE_BLOCK  # bounded: the kept rows slide through their buffers, which compact to the front
