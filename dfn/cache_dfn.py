@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .neighbors_dfn import DECODE_BLOCK, BlockBoxes
+from .neighbors_dfn import DECODE_BLOCK, BlockBoxes, capacity_dynamic
 
 
 def cache_signature(config) -> dict:
@@ -51,7 +51,7 @@ class RowBuffer:
     def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
         shape = list(like.shape)
         shape[self.time_dim] = capacity
-        return like.new_zeros(shape)
+        return capacity_dynamic(like.new_zeros(shape), self.time_dim)
 
     def append(self, new: torch.Tensor) -> None:
         self.reserve(new.shape[1])
@@ -98,7 +98,7 @@ class RowBuffer:
 
     def apply(self, fn) -> None:
         """Apply a batch-first `fn` (reorder, select or repeat sequences) to the whole buffer, headroom included."""
-        self.buffer = fn(self.buffer)
+        self.buffer = capacity_dynamic(fn(self.buffer), self.time_dim)
 
 
 POSITIONS_TIME_DIM = -1  # `DFNCacheLayer.key_positions` keeps the entities innermost
@@ -347,6 +347,18 @@ class DFNCache(Cache):
         if self.real_seen is None:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         return self.real_seen
+
+    def mask_store(self) -> tuple[torch.Tensor, int, int]:
+        """For a compiled decoding step: the entity mask's whole buffer and the `(start, length)` of its kept rows
+        (`mask_view` gives `entity_mask` from them). `entity_mask` itself is a view whose batch stride is the buffer's
+        capacity: handed to the step, a capacity equal to another size (64, the benchmark model's head_dim) was
+        specialised with it, and the step compiled again when the buffer grew."""
+        return self.mask_rows.buffer, self.mask_rows.start, self.mask_rows.length
+
+    @staticmethod
+    def mask_view(store: tuple[torch.Tensor, int, int]) -> torch.Tensor:
+        """Inside a compiled decoding step: `entity_mask` `(B, T)` from a `mask_store`."""
+        return RowBuffer.view(store[0], 1, store[1], store[2])
 
     def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""

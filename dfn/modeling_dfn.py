@@ -620,14 +620,15 @@ def entity_times(entity_mask: torch.Tensor, past_real: torch.Tensor | None) -> t
     return times if past_real is None else times + past_real.view(-1, 1)
 
 
-def _decode_layers(model, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes):
+def _decode_layers(model, inputs_embeds, past_real, entity_mask, mask_store, stores, memories, boxes):
     """A whole decoding step's tensor work through `model` (a `DFNModel`), as one compiled call: the new entities'
     time positions, then per layer its projections, the new entity's write into the cache's buffers (`stores`, see
     `DFNCacheLayer.step_store`), the search over the box tree where `boxes` gives its buffers (`step_boxes`), the
-    update with the memory state of `memories`; then the final norm. Returns the normalised states `(B, 1, E)`, each
-    layer's new memory state, and whether every box search was exact (a 0-d bool; None where none ran), else the
-    caller runs the step layer by layer."""
+    update with the memory state of `memories` and the mask of every key (`DFNCache.mask_store`); then the final
+    norm. Returns the normalised states `(B, 1, E)`, each layer's new memory state, and whether every box search was
+    exact (a 0-d bool; None where none ran), else the caller runs the step layer by layer."""
     layers = model.layers
+    key_mask = DFNCache.mask_view(mask_store)
     position_ids = entity_times(entity_mask, past_real)
     hidden_states = inputs_embeds
     projected = DFNFlowLayer._project(layers[0], hidden_states, model.initial_positions(position_ids))
@@ -962,7 +963,7 @@ class DFNModel(DFNPreTrainedModel):
                 return None  # a tree too large for the step's two levels: the eager descent
             boxes.append(levels)
         hidden_states, memories, settled = step.decode_layers(
-            self, inputs_embeds, past_real, entity_mask, key_mask, stores, memories, boxes
+            self, inputs_embeds, past_real, entity_mask, cache.mask_store(), stores, memories, boxes
         )
         if settled is not None and not bool(settled):
             return None  # a box search was not exact: the layer-by-layer step writes the same rows again

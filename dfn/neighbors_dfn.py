@@ -487,8 +487,8 @@ class BlockBoxes:
     def apply(self, fn) -> None:
         """Apply a batch-first `fn` (e.g. a beam reorder) to every level."""
         self.low, self.high = (
-            [_capacity_dynamic(fn(t)) for t in self.low],
-            [_capacity_dynamic(fn(t)) for t in self.high],
+            [capacity_dynamic(fn(t)) for t in self.low],
+            [capacity_dynamic(fn(t)) for t in self.high],
         )
 
     def _write(self, level: int, start: int, low: torch.Tensor, high: torch.Tensor) -> None:
@@ -502,7 +502,7 @@ class BlockBoxes:
             for buffers, empty in ((self.low, float("inf")), (self.high, float("-inf"))):
                 grown = buffers[level].new_full((buffers[level].shape[0], capacity, *buffers[level].shape[2:]), empty)
                 grown[:, : self.counts[level]] = buffers[level][:, : self.counts[level]]
-                buffers[level] = _capacity_dynamic(grown)
+                buffers[level] = capacity_dynamic(grown)
         self.low[level][:, start:stop] = low
         self.high[level][:, start:stop] = high
         self.counts[level] = max(self.counts[level], stop)
@@ -524,11 +524,12 @@ class BlockBoxes:
             level, first, last = level + 1, parent_first, parent_last
 
 
-def _capacity_dynamic(buffer: torch.Tensor) -> torch.Tensor:
-    """`buffer` `(B, capacity, H, k)`, its capacity marked as a size of its own for compiled decoding steps. Unmarked,
-    Dynamo gives sizes of equal value one symbol ("duck sizing"): a capacity of 16 or 256 would share the memory slots'
-    or the hidden size's, be specialised with them, and the step would compile again when the buffer grows."""
-    torch._dynamo.maybe_mark_dynamic(buffer, 1)
+def capacity_dynamic(buffer: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`buffer` (a cache buffer that grows along `dim`), its capacity marked as a size of its own for compiled decoding
+    steps. Unmarked, Dynamo gives sizes of equal value one symbol ("duck sizing"): a capacity of 16 or 64 would share
+    the head_dim's, be specialised with it, and the step would compile again when the buffer grows (57 s in the middle
+    of a generation with the benchmark's model after a short prompt)."""
+    torch._dynamo.maybe_mark_dynamic(buffer, dim % buffer.dim())
     return buffer
 
 
@@ -714,6 +715,7 @@ __all__ = [
     "DECODE_BLOCK",
     "BlockBoxes",
     "block_boxes",
+    "capacity_dynamic",
     "causal_knn",
     "causal_knn_blocks",
     "causal_knn_fast",

@@ -86,7 +86,8 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     """Memory commits and the growth of the cache's buffers keep every tensor's layout: a long generation never stops
     for seconds to compile again (the buffer's rows once filled it exactly; past the box-tree threshold, each time
     the block boxes' buffer grew, until the step copied the boxes with fresh strides, and when a box buffer whose
-    capacity equalled another size grew, until capacities were marked dynamic; and the first step with a tail
+    capacity equalled another size grew, until capacities were marked dynamic and the entity mask was handed over
+    as its whole buffer; and the first step with a tail
     of one entity after a completed block, a graph of its own until the tail was padded; in a bounded cache, once the
     window began to slide, and once its rows compacted, until they started at row 2). The memory state a prefill
     leaves is stored contiguous, as a decoding step's is: with the benchmark's model, its views made the first
@@ -142,6 +143,23 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
             model(ids[:, i : i + 1], cache=cache, use_cache=True)
             starts.append(cache.layers[0].entities.start)
     assert starts[0] == BOUNDED_FIRST_ROW and any(later < earlier for earlier, later in pairwise(starts))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+    # a short prompt: the rows' buffers start with 64 rows, here the hidden size. Unmarked, or seen through the entity
+    # mask's view (whose batch stride is the capacity), that capacity took the hidden size's symbol, specialised to 64
+    torch._dynamo.reset()
+    model = make_model(tiny_config("k3-mem-residual", hidden_size=64, num_hidden_layers=1))
+    model.compile_decoding(options={"cpp_wrapper": False})  # (Dynamo's symbols: the same with either wrapper)
+    ids = random_ids(1, 80, seed=5)
+    with torch.no_grad():
+        cache = DFNCache(model.config)
+        model(ids[:, :20], cache=cache, use_cache=True)
+        model(ids[:, 20:21], cache=cache, use_cache=True)  # warm-up
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        capacities = [cache.mask_rows.buffer.shape[1], cache.layers[0].entities.buffer.shape[1]]
+        for i in range(21, ids.shape[1]):  # the buffers grow
+            model(ids[:, i : i + 1], cache=cache, use_cache=True)
+    assert capacities == [64, 64] and cache.mask_rows.buffer.shape[1] > 64
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
