@@ -428,7 +428,9 @@ DECODE_BLOCK = 64  # entities per block of the decoding search structure kept in
 BOX_FANOUT = 16  # children per node of the box tree above the blocks
 _DECODE_TOP_BLOCKS = 8  # blocks searched densely per decoding step (besides the unfinished tail)
 _TREE_BEAM = 8  # nodes kept per tree level on the way down to the blocks
-_FLAT_MAX_BOXES = 4096  # a decoding step bounds every node of the lowest tree level that has at most this many
+# an eager decoding step bounds every node of the lowest tree level that has at most this many; a compiled one bounds
+# every node of the level above the blocks, up to this many
+_FLAT_MAX_BOXES = 4096
 # "auto" decoding scans every key up to this many complete blocks (2,048 keys): one pass over them costs fewer small
 # operations than the tree (measured per step and layer, 4 heads: 116 vs 334 us at 1,024 keys, 206 vs 327 us at 2,048,
 # 587 vs 300 us at 4,096)
