@@ -106,12 +106,10 @@ POSITIONS_TIME_DIM = -1  # `DFNCacheLayer.key_positions` keeps the entities inne
 
 class StepStore(NamedTuple):
     """A cache layer's buffers, with room for one more entity, handed to a compiled decoding step that appends the
-    new entity itself (`DFNCacheLayer.step_store`): its kept rows are `start` to `end` of both buffers."""
+    new entity itself (`DFNCacheLayer.step_store`): its kept rows are those of the layer's `span` in both buffers."""
 
     features: torch.Tensor  # RowBuffer buffer of the packed rows (B, capacity, H, F)
     positions: torch.Tensor  # RowBuffer buffer of the positions, entities innermost (B, H, k, capacity)
-    start: int
-    end: int
 
 
 class DFNCacheLayer(CacheLayerMixin):
@@ -165,20 +163,25 @@ class DFNCacheLayer(CacheLayerMixin):
             return None
         self.entities.reserve(1)
         self.key_positions.reserve(1)
-        return StepStore(self.entities.buffer, self.key_positions.buffer, self.entities.start, self.entities.end)
+        return StepStore(self.entities.buffer, self.key_positions.buffer)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """`(start, end)`: the kept rows of both buffers. Every layer of a cache has the same (they move together)."""
+        return self.entities.start, self.entities.end
 
     @staticmethod
-    def write_step(store: StepStore, new_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inside a compiled decoding step: write the new entity's packed features `(B, 1, H, F)` after the rows of
-        `store`; returns every key's features `(B, T + 1, H, F)` and positions `(B, T + 1, H, k)` (as `update` and
-        `positions`)."""
+    def write_step(store: StepStore, span: tuple[int, int], new_features: torch.Tensor) -> tuple:
+        """Inside a compiled decoding step: write the new entity's packed features `(B, 1, H, F)` after the rows
+        `span` of `store`; returns every key's features `(B, T + 1, H, F)` and positions `(B, T + 1, H, k)` (as
+        `update` and `positions`)."""
+        start, end = span
         pos_dim = store.positions.shape[-2]
-        RowBuffer.write(store.features, 1, store.end, new_features)
-        RowBuffer.write(store.positions, POSITIONS_TIME_DIM, store.end, new_features[..., :pos_dim])
-        length = store.end + 1 - store.start
+        RowBuffer.write(store.features, 1, end, new_features)
+        RowBuffer.write(store.positions, POSITIONS_TIME_DIM, end, new_features[..., :pos_dim])
         return (
-            RowBuffer.view(store.features, 1, store.start, length),
-            RowBuffer.view(store.positions, POSITIONS_TIME_DIM, store.start, length),
+            RowBuffer.view(store.features, 1, start, end + 1 - start),
+            RowBuffer.view(store.positions, POSITIONS_TIME_DIM, start, end + 1 - start),
         )
 
     def advance(self, key_valid: torch.Tensor) -> None:
@@ -348,17 +351,21 @@ class DFNCache(Cache):
             return torch.zeros(batch_size, dtype=torch.long, device=device)
         return self.real_seen
 
-    def mask_store(self) -> tuple[torch.Tensor, int, int]:
-        """For a compiled decoding step: the entity mask's whole buffer and the `(start, length)` of its kept rows
-        (`mask_view` gives `entity_mask` from them). `entity_mask` itself is a view whose batch stride is the buffer's
-        capacity: handed to the step, a capacity equal to another size (64, the benchmark model's head_dim) was
-        specialised with it, and the step compiled again when the buffer grew."""
-        return self.mask_rows.buffer, self.mask_rows.start, self.mask_rows.length
+    def step_mask(self, span: tuple[int, int]) -> torch.Tensor | None:
+        """For a compiled decoding step: the entity mask's whole buffer, where its kept rows are the layers' `span`
+        and the new entity (`mask_view` gives `entity_mask` from it), else None. `entity_mask` itself is a view whose
+        batch stride is the buffer's capacity: handed to the step, a capacity equal to another size (64, the
+        benchmark model's head_dim) was specialised with it, and the step compiled again when the buffer grew."""
+        start, end = span
+        if (self.mask_rows.start, self.mask_rows.end) != (start, end + 1):
+            return None
+        return self.mask_rows.buffer
 
     @staticmethod
-    def mask_view(store: tuple[torch.Tensor, int, int]) -> torch.Tensor:
-        """Inside a compiled decoding step: `entity_mask` `(B, T)` from a `mask_store`."""
-        return RowBuffer.view(store[0], 1, store[1], store[2])
+    def mask_view(buffer: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+        """Inside a compiled decoding step: `entity_mask` `(B, T + 1)` from `step_mask`'s buffer and the layers'
+        `span`."""
+        return RowBuffer.view(buffer, 1, span[0], span[1] + 1 - span[0])
 
     def append_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Record the new entities' mask `(B, N)`; returns the mask of the kept and new entities `(B, T + N)`."""

@@ -620,22 +620,25 @@ def entity_times(entity_mask: torch.Tensor, past_real: torch.Tensor | None) -> t
     return times if past_real is None else times + past_real.view(-1, 1)
 
 
-def _decode_layers(model, inputs_embeds, past_real, entity_mask, mask_store, stores, memories, boxes):
+def _decode_layers(model, inputs_embeds, past_real, entity_mask, span, mask_buffer, stores, memories, boxes):
     """A whole decoding step's tensor work through `model` (a `DFNModel`), as one compiled call: the new entities'
     time positions, then per layer its projections, the new entity's write into the cache's buffers (`stores`, see
-    `DFNCacheLayer.step_store`), the search over the box tree where `boxes` gives its buffers (`step_boxes`), the
-    update with the memory state of `memories` and the mask of every key (`DFNCache.mask_store`); then the final
-    norm. Returns the normalised states `(B, 1, E)`, each layer's new memory state, and whether every box search was
-    exact (a 0-d bool; None where none ran), else the caller runs the step layer by layer."""
+    `DFNCacheLayer.step_store`; the kept rows are `span`, the same in every layer), the search over the box tree
+    where `boxes` gives its buffers (`step_boxes`), the update with the memory state of `memories` and the mask of
+    every key (`DFNCache.step_mask`); then the final norm. One `span` for all layers: each integer argument costs the
+    C++ wrapper a tensor of its own (about 9 µs). Returns the normalised states `(B, 1, E)`, each layer's new memory
+    state, and whether every box search was exact (a 0-d bool; None where none ran), else the caller runs the step
+    layer by layer."""
     layers = model.layers
-    key_mask = DFNCache.mask_view(mask_store)
+    key_mask = DFNCache.mask_view(mask_buffer, span)
     position_ids = entity_times(entity_mask, past_real)
     hidden_states = inputs_embeds
     projected = DFNFlowLayer._project(layers[0], hidden_states, model.initial_positions(position_ids))
     new_memories, settled = [], None
     for index, layer in enumerate(layers):
         _, moved, queries, values, log_weights, _ = projected
-        features, keys = DFNCacheLayer.write_step(stores[index], DFNFlowLayer._pack(moved, values, log_weights))
+        new_features = DFNFlowLayer._pack(moved, values, log_weights)
+        features, keys = DFNCacheLayer.write_step(stores[index], span, new_features)
         neighbors = None
         if boxes[index] is not None:
             *neighbors, exact = DFNFlowLayer._step_tree_search(layer, queries, keys, key_mask, *boxes[index])
@@ -950,6 +953,11 @@ class DFNModel(DFNPreTrainedModel):
         stores = [cache_layer.step_store() for cache_layer in cache_layers]
         if any(store is None for store in stores):
             return None
+        spans = {cache_layer.span for cache_layer in cache_layers}
+        mask_buffer = cache.step_mask(*spans) if len(spans) == 1 else None
+        if mask_buffer is None:
+            return None  # (never expected: the layers' and the mask's rows move together, and the graph relies on it)
+        span = spans.pop()
         memories = [None] * len(cache_layers)
         if self.config.use_memory:
             if any(cache_layer.memory is None or cache_layer.memory_stale for cache_layer in cache_layers):
@@ -963,7 +971,7 @@ class DFNModel(DFNPreTrainedModel):
                 return None  # a tree too large for the step's two levels: the eager descent
             boxes.append(levels)
         hidden_states, memories, settled = step.decode_layers(
-            self, inputs_embeds, past_real, entity_mask, cache.mask_store(), stores, memories, boxes
+            self, inputs_embeds, past_real, entity_mask, span, mask_buffer, stores, memories, boxes
         )
         if settled is not None and not bool(settled):
             return None  # a box search was not exact: the layer-by-layer step writes the same rows again
