@@ -85,12 +85,11 @@ def test_compiled_decoding_equals_the_full_pass_and_eager_generation(device):
 def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     """Memory commits and the growth of the cache's buffers keep every tensor's layout: a long generation never stops
     for seconds to compile again (the buffer's rows once filled it exactly; past the box-tree threshold, each time
-    the block boxes' buffer grew, until the step copied the boxes with fresh strides, and when a box buffer whose
-    capacity equalled another size grew, until capacities were marked dynamic and the entity mask was handed over
-    as its whole buffer; and the first step with a tail
-    of one entity after a completed block, a graph of its own until the tail was padded; in a bounded cache, once the
-    window began to slide, and once its rows compacted, until they started at row 2). The memory state a prefill
-    leaves is stored contiguous, as a decoding step's is: with the benchmark's model, its views made the first
+    the block boxes' buffer grew, while the step read views of it; the first step with a tail of one entity after a
+    completed block, a graph of its own until the tail was padded; in a bounded cache, once the window began to
+    slide, and once its rows compacted, until they started at row 2; when a buffer whose capacity equalled another
+    size grew, until capacities were marked dynamic and the entity mask was handed over whole). The memory state a
+    prefill leaves is stored contiguous, as a decoding step's is: with the benchmark's model, its views made the first
     commit recompile (seen with TORCH_LOGS=recompiles; this tiny model does not show it, so the layout is checked
     directly)."""
     torch._dynamo.reset()
@@ -117,7 +116,8 @@ def test_compiled_decoding_compiles_nothing_more_after_warm_up():
     # past the threshold, every block complete (the tail starts empty), and the level above the blocks holds 16 boxes
     # in a buffer of 16, the head_dim: Dynamo's duck sizing once gave both one symbol, specialised to 16
     start = BOX_FANOUT * BOX_FANOUT * DECODE_BLOCK
-    assert start > (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK and model.config.hidden_size // 2 == BOX_FANOUT
+    assert start > (_SCAN_MAX_BLOCKS + 1) * DECODE_BLOCK
+    assert model.config.hidden_size // model.config.num_attention_heads == BOX_FANOUT
     ids = random_ids(1, start + DECODE_BLOCK + 2, seed=4)
     with torch.no_grad():
         cache = DFNCache(model.config)
