@@ -51,6 +51,9 @@ NEIGHBOR_CHUNK = 256
 # buffer is the gather of the path without gradients, (n, H, K, k + D + 1) floats: 0.84 GB for the GPU preset (H 6,
 # K 64, D 64), 0.28 GB for the benchmark's model (H 4, K 32, D 64). The training path gathers k + 1 per neighbour.
 ACCELERATOR_NEIGHBOR_CHUNK = 8192
+# past columns of `attention_mask` a call with a cache reads (see `DFNModel._entity_mask`): the cache records which
+# past entities are padding, so more would only make each decoding step read the whole context
+MASK_PAST_CHECKED = 1024
 
 
 @dataclass
@@ -1021,7 +1024,10 @@ class DFNModel(DFNPreTrainedModel):
 
     @staticmethod
     def _entity_mask(attention_mask, cache, batch, length, device) -> torch.Tensor:
-        """Validate `attention_mask` `(B, past + N)` against the cache; return the new entities' mask `(B, N)`."""
+        """Validate `attention_mask` `(B, past + N)` against the cache; return the new entities' mask `(B, N)`. With
+        a cache, only the last `MASK_PAST_CHECKED` past columns are read (and compared with the cache's record,
+        which is what counts): generate() hands every step the whole mask, and reading all of it made a decoding
+        step O(context)."""
         if attention_mask is None:
             return torch.ones(batch, length, dtype=torch.bool, device=device)
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -1030,11 +1036,14 @@ class DFNModel(DFNPreTrainedModel):
                 f"attention_mask must have shape (batch_size, cache_length + sequence_length) = "
                 f"({batch}, {past_length + length}), got {tuple(attention_mask.shape)}"
             )
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        read = attention_mask[:, max(past_length - MASK_PAST_CHECKED, 0) :]
+        if not bool(((read == 0) | (read == 1)).all()):
             raise ValueError("attention_mask must contain only 0 and 1")
-        mask = attention_mask.bool()
+        mask = read.bool()
+        past, new = mask[:, : mask.shape[1] - length], mask[:, mask.shape[1] - length :]
         kept = cache.entity_mask if past_length else None
-        if kept is not None and not torch.equal(mask[:, past_length - kept.shape[1] : past_length], kept):
+        compared = min(past.shape[1], kept.shape[1]) if kept is not None else 0
+        if compared and not torch.equal(past[:, past.shape[1] - compared :], kept[:, kept.shape[1] - compared :]):
             # e.g. generate() continuing from a cache re-derives the mask from pad tokens written after an eos
             logger.warning_once(
                 "attention_mask disagrees with the cache about which past entities are padding; the cache's record "
@@ -1042,7 +1051,6 @@ class DFNModel(DFNPreTrainedModel):
             )
         if cache is None and not bool(mask.any(1).all()):
             raise ValueError("attention_mask has a row with no real entity (all zeros)")
-        new = mask[:, past_length:]
         if not bool(new.any()):
             raise ValueError("attention_mask marks every new entity as padding")
         return new

@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from conftest import EOS_ID, PAD_ID, make_model, max_diff, pad_batch, random_ids, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dfn import DFNCache, DFNForCausalLM
+from dfn import DFNCache, DFNForCausalLM, modeling_dfn
+from dfn.modeling_dfn import MASK_PAST_CHECKED
 
 LENGTH = 30
 # mixed chunk sizes (sum 30) that cross memory-chunk boundaries (chunk sizes 5-8) inside and at chunk edges
@@ -116,6 +119,43 @@ def test_cache_reads_document_in_segments_with_padding_inside_cache(model):
         first = model(ids, attention_mask=mask, use_cache=True)
         second = model(more, attention_mask=full_mask, cache=first.cache, use_cache=True)
     assert max_diff(second.logits, full[:, -9:]) <= 1e-4
+
+
+class MaskReads(TorchDispatchMode):
+    """Counts the elements that operations (views excepted) read from one tensor's storage."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.storage, self.read = tensor.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            for arg in pytree.tree_leaves((args, kwargs)):
+                if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == self.storage:
+                    self.read += arg.numel()
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_step_reads_a_bounded_part_of_the_attention_mask(monkeypatch):
+    """generate() hands every step the whole attention_mask: a step reads only its last `MASK_PAST_CHECKED` past
+    columns (O(1) in the context), and still checks those against the cache's record."""
+    model, past = make_model(tiny_config()), MASK_PAST_CHECKED + 500
+    with torch.no_grad():
+        cache = model(random_ids(1, past), use_cache=True).cache
+        mask = torch.ones(1, past + 1, dtype=torch.long)
+        with MaskReads(mask) as reads:
+            model(random_ids(1, 1, seed=1), attention_mask=mask, cache=cache, use_cache=True)
+        assert 0 < reads.read <= 4 * (MASK_PAST_CHECKED + 1)  # a few passes over the columns read
+        warned = []
+        monkeypatch.setattr(modeling_dfn.logger, "warning_once", warned.append)
+        mask = torch.ones(1, past + 2, dtype=torch.long)
+        mask[0, past - 3] = 0  # the cache holds this entity as real
+        model(random_ids(1, 1, seed=2), attention_mask=mask, cache=cache, use_cache=True)
+        assert len(warned) == 1 and "disagrees with the cache" in warned[0]
+        mask = torch.ones(1, past + 3, dtype=torch.long)
+        mask[0, past - 3] = 2
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            model(random_ids(1, 1, seed=2), attention_mask=mask, cache=cache, use_cache=True)
 
 
 def test_right_padded_segment_then_continuation(model):
