@@ -1037,7 +1037,7 @@ class DFNModel(DFNPreTrainedModel):
                 f"({batch}, {past_length + length}), got {tuple(attention_mask.shape)}"
             )
         read = attention_mask[:, max(past_length - MASK_PAST_CHECKED, 0) :]
-        if not bool(((read == 0) | (read == 1)).all()):
+        if not binary(read):
             raise ValueError("attention_mask must contain only 0 and 1")
         mask = read.bool()
         past, new = mask[:, : mask.shape[1] - length], mask[:, mask.shape[1] - length :]
@@ -1054,6 +1054,16 @@ class DFNModel(DFNPreTrainedModel):
         if not bool(new.any()):
             raise ValueError("attention_mask marks every new entity as padding")
         return new
+
+
+def binary(mask: torch.Tensor) -> bool:
+    """Whether `mask` holds only 0 and 1 (one `aminmax` for an integer mask: a decoding step checks one per call)."""
+    if mask.dtype == torch.bool:
+        return True
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        return bool(((mask == 0) | (mask == 1)).all())
+    low, high = torch.aminmax(mask)
+    return int(low) >= 0 and int(high) <= 1
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
