@@ -3,6 +3,7 @@
     python scripts/evaluate.py outputs/demo/latest data/tinyshakespeare.txt
     python scripts/evaluate.py outputs/demo/latest data/tinyshakespeare.txt --split val   # nanoGPT val split only
     python scripts/evaluate.py outputs/run other.txt --block-size 1024 --batch-size 4 --json scores.json
+    python scripts/evaluate.py outputs/run other.txt --block-size 2048 --by-context   # loss by context length
 
 The folder is loaded as a user would (`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`), so
 any causal LM with a byte vocabulary works (DFN or the Llama baseline of scripts/compare.py). The text is read as
@@ -42,14 +43,19 @@ def text_blocks(data: np.ndarray, block_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def score_bytes(model, data: np.ndarray, block_size: int = 256, batch_size: int = 8, progress: bool = True) -> dict:
-    """Bits/byte of `model` on the byte array `data`, through the `evaluate` metric."""
+def score_bytes(
+    model, data: np.ndarray, block_size: int = 256, batch_size: int = 8, progress: bool = True, by_context=False
+) -> dict:
+    """Bits/byte of `model` on the byte array `data`, through the `evaluate` metric. With `by_context`, also the loss
+    of the bytes scored with 1, 2-3, 4-7, ... bytes of context before them in their block (`by_context`): how much
+    of the block the model makes use of."""
     metric = load_bits_per_byte("log_probs")
     device = next(model.parameters()).device
     blocks = text_blocks(data, block_size)
     if not blocks:
         raise ValueError("the text is shorter than 2 bytes: nothing to score")
     bar = tqdm(total=sum(len(b) - 1 for b in blocks), unit="B", unit_scale=True, disable=not progress, desc="scoring")
+    losses, counts = torch.zeros(block_size - 1, dtype=torch.float64), torch.zeros(block_size - 1, dtype=torch.long)
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size]
         width = max(len(b) for b in batch)
@@ -65,9 +71,28 @@ def score_bytes(model, data: np.ndarray, block_size: int = 256, batch_size: int 
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         metric.add_batch(predictions=list(log_probs.cpu().numpy()), references=list(labels.numpy()))
+        scored = mask[:, 1:].bool()
+        losses[: width - 1] -= log_probs.cpu().double().masked_fill(~scored, 0).sum(0)
+        counts[: width - 1] += scored.sum(0)
         bar.update(int(mask[:, 1:].sum()))
     bar.close()
-    return metric.compute(shift=False)
+    scores = metric.compute(shift=False)
+    if by_context:
+        scores["by_context"] = context_buckets(losses, counts)
+    return scores
+
+
+def context_buckets(losses: torch.Tensor, counts: torch.Tensor) -> list[dict]:
+    """Summed losses and counts of the bytes scored after 1, 2, ... bytes of context `(block_size - 1,)`, grouped
+    into power-of-two ranges of context: nats per byte and bytes scored per range."""
+    buckets, low = [], 1
+    while low <= len(losses):
+        high = min(2 * low, len(losses) + 1)  # contexts [low, high)
+        total, count = float(losses[low - 1 : high - 1].sum()), int(counts[low - 1 : high - 1].sum())
+        if count:
+            buckets.append({"context": [low, high - 1], "nats_per_byte": total / count, "bytes": count})
+        low = high
+    return buckets
 
 
 def rss_gib() -> float:
@@ -127,10 +152,15 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--window", type=non_negative_int, default=0, help="bounded cache of W entities with --stream (0: all)"
     )
+    parser.add_argument(
+        "--by-context", action="store_true", help="also the loss by bytes of context before each scored byte"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
+    if args.by_context and args.stream:
+        parser.error("--by-context groups the bytes of blocks; with --stream every byte has all the text before it")
     if args.json:
         refuse_overwrite([args.json], args.overwrite)
         check_writable_file(args.json)
@@ -148,7 +178,7 @@ def main(argv=None) -> dict:
     if args.stream:
         scores = score_stream(model, data, args.segment, args.window or None)
     else:
-        scores = score_bytes(model, data, args.block_size, args.batch_size)
+        scores = score_bytes(model, data, args.block_size, args.batch_size, by_context=args.by_context)
     scores.update(
         checkpoint=args.checkpoint,
         text=args.text,
@@ -169,6 +199,9 @@ def main(argv=None) -> dict:
     )
     if args.stream:
         print(f"peak RSS {scores['peak_rss_gib']} GiB; by bytes read: {scores['peak_rss_gib_by_bytes']}")
+    for bucket in scores.get("by_context", []):
+        low, high = bucket["context"]
+        print(f"  context {low:>6}-{high:<6} {bucket['nats_per_byte']:.4f} nats/byte ({bucket['bytes']:,} bytes)")
     assert math.isfinite(scores["bits_per_byte"])
     if args.json:
         with open(args.json, "w") as f:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from dfn.metrics import BITS_PER_BYTE_PATH, load_bits_per_byte
 
@@ -92,10 +92,7 @@ def saved_model_and_script(tmp_path):
         )
     ).eval()
     model.save_pretrained(tmp_path / "ckpt")
-    spec = importlib.util.spec_from_file_location("dfn_evaluate_script", REPO / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return model, script
+    return model, load_script("evaluate")
 
 
 def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
@@ -127,6 +124,35 @@ def test_evaluate_script_agrees_with_the_model_loss(tmp_path):
     assert scores["num_tokens"] == count == 6 * 31 + 9
     assert scores["nats_per_byte"] == pytest.approx(total / count, abs=1e-5)
     assert json.loads((tmp_path / "s.json").read_text())["bits_per_byte"] == pytest.approx(total / count / LN2)
+
+
+def test_evaluate_by_context_groups_each_scored_byte_by_its_context(tmp_path):
+    """--by-context: the loss of bytes scored after 1, 2-3, 4-7, ... bytes of their block, by hand from the model."""
+    model, script = saved_model_and_script(tmp_path)
+    text = (REPO / "data" / "tinyshakespeare.txt").read_bytes()[: 32 * 3 + 12]  # 3 full blocks + a short tail
+    (tmp_path / "t.txt").write_bytes(text)
+    args = [str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--block-size", "32", "--batch-size", "2", "--by-context"]
+    scores = script.main(args)
+
+    ids = torch.tensor(list(text), dtype=torch.long)
+    losses = torch.zeros(31, dtype=torch.float64)
+    counts = torch.zeros(31, dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(ids), 32):
+            block = ids[start : start + 32][None]
+            log_probs = torch.log_softmax(model(input_ids=block, use_cache=False).logits[0, :-1], -1)
+            nll = -log_probs.gather(-1, block[0, 1:, None])[:, 0]
+            losses[: len(nll)] += nll.double()
+            counts[: len(nll)] += 1
+    edges = [(1, 2), (2, 4), (4, 8), (8, 16), (16, 32)]
+    assert [bucket["context"] for bucket in scores["by_context"]] == [[low, high - 1] for low, high in edges]
+    for bucket, (low, high) in zip(scores["by_context"], edges, strict=True):
+        assert bucket["bytes"] == int(counts[low - 1 : high - 1].sum())
+        expected = float(losses[low - 1 : high - 1].sum()) / bucket["bytes"]
+        assert bucket["nats_per_byte"] == pytest.approx(expected, abs=1e-5)
+    assert sum(bucket["bytes"] for bucket in scores["by_context"]) == scores["num_tokens"] == 3 * 31 + 11
+    with pytest.raises(SystemExit):
+        script.main([*args, "--stream"])
 
 
 def test_evaluate_stream_scores_the_text_as_one_document(tmp_path):
