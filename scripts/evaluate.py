@@ -47,8 +47,8 @@ def score_bytes(
     model, data: np.ndarray, block_size: int = 256, batch_size: int = 8, progress: bool = True, by_context=False
 ) -> dict:
     """Bits/byte of `model` on the byte array `data`, through the `evaluate` metric. With `by_context`, also the loss
-    of the bytes scored with 1, 2-3, 4-7, ... bytes of context before them in their block (`by_context`): how much
-    of the block the model makes use of."""
+    of the bytes scored with 1, 2-3, 4-7, ... bytes of context before them in their block: how much of the block the
+    model makes use of."""
     metric = load_bits_per_byte("log_probs")
     device = next(model.parameters()).device
     blocks = text_blocks(data, block_size)
@@ -71,9 +71,10 @@ def score_bytes(
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         metric.add_batch(predictions=list(log_probs.cpu().numpy()), references=list(labels.numpy()))
-        scored = mask[:, 1:].bool()
-        losses[: width - 1] -= log_probs.cpu().double().masked_fill(~scored, 0).sum(0)
-        counts[: width - 1] += scored.sum(0)
+        if by_context:
+            scored = mask[:, 1:].bool()
+            losses[: width - 1] -= log_probs.cpu().double().masked_fill(~scored, 0).sum(0)
+            counts[: width - 1] += scored.sum(0)
         bar.update(int(mask[:, 1:].sum()))
     bar.close()
     scores = metric.compute(shift=False)
