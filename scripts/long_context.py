@@ -32,6 +32,9 @@ vocab 259, MLP width chosen for the DFN's parameter count), all trained the same
 config of every DFN model (e.g. `use_query_flow=true`; the flow-off ablation keeps no query flow, which needs the
 flow). For memory models a diagnosis traces, at the query position, how much kernel mass reaches the needle directly
 (K nearest to where the query looks from) and through the memory (an exact tracer run of the memory write/read).
+For every model, before and after training, the gradient reach: how strongly the first answer digit's log-probability
+depends on the key's bytes, against the bytes just before the answer (`gradient_reach`): what training has to start
+from. `--tasks passkey` trains and scores one task only.
 
     python scripts/long_context.py --quick                       # < 1 min; the test suite runs it
     nice -n 10 python scripts/long_context.py --steps 300 --lengths 1024,4096 --models dfn,llama
@@ -224,7 +227,7 @@ class TaskStream(IterableDataset):
         length = int(np.random.default_rng([self.seed, 1, i // self.batch_size]).choice(self.lengths))
         rng = np.random.default_rng([self.seed, 0, i])
         copy = self.args.copy_fraction > 0 and rng.uniform() < self.args.copy_fraction
-        task = "copy" if copy else TASKS[int(rng.integers(0, 2))]
+        task = "copy" if copy else self.args.tasks[int(rng.integers(0, len(self.args.tasks)))]
         ex = make_example(task, rng, self.filler, length, self.args)
         ids = torch.from_numpy(ex["input_ids"])
         if self.args.loss == "all":
@@ -301,8 +304,14 @@ def train_model(model, name: str, args, filler: Filler) -> dict:
     }
 
 
+def task_min_length(args) -> int:
+    """The shortest sequence every task of `args.tasks` fits in."""
+    needs = {"passkey": passkey_min_length(), "mqar": mqar_min_length(args.num_pairs, args.num_queries)}
+    return max(needs[task] for task in args.tasks)
+
+
 def train_lengths(args) -> list[int]:
-    floor = max(passkey_min_length(), mqar_min_length(args.num_pairs, args.num_queries)) + 32
+    floor = task_min_length(args) + 32
     return sorted({max(floor, args.train_length // 4), max(floor, args.train_length // 2), args.train_length})
 
 
@@ -357,7 +366,7 @@ def evaluate(model, name: str, args, filler: Filler) -> dict:
     from tqdm.auto import tqdm
 
     results: dict = {}
-    cells = [(task, length) for task in TASKS for length in args.lengths]
+    cells = [(task, length) for task in args.tasks for length in args.lengths]
     bar = tqdm(cells, desc=f"eval {name}", disable=args.no_progress)
     last: dict[str, tuple[int, float]] = {}
     exponent = 1.0 if (is_dfn(model) and args.window) else 2.0
@@ -406,6 +415,34 @@ def summarise(exact: list[bool], digit: list[float]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Diagnosis: does the needle reach the query, directly or through the memory?
+
+
+def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float = 0.25, count: int = 4) -> dict:
+    """How much the answer can learn from the key: over `count` passkey examples of `length` bytes, the gradient of
+    the first answer digit's log-probability with respect to the input embeddings (full pass, no cache, dropout
+    off), its mean norm at the key's digits (`key`), at the 16 bytes just before the answer (`local`) and at the
+    filler before the needle (`filler`). Any model: DFN or Llama. A model whose `key_over_local` is tiny at
+    initialisation gets almost no training signal toward retrieval and stays on the plateau of guessing digits."""
+    was_training = model.training
+    model.eval()
+    embed = model.get_input_embeddings()
+    sums = np.zeros(3)
+    try:
+        for j in range(count):
+            ex = make_passkey(np.random.default_rng([seed + 3000, length, j]), filler, length, depth)
+            ids = torch.from_numpy(ex["input_ids"]).unsqueeze(0)
+            inputs = embed(ids).detach().requires_grad_(True)
+            answer = int(ex["answers"][0][0])
+            logits = model(inputs_embeds=inputs, use_cache=False).logits[0, answer - 1]
+            (grad,) = torch.autograd.grad(torch.log_softmax(logits.float(), -1)[ids[0, answer]], inputs)
+            norms = grad[0].norm(dim=-1)
+            key = ex["needle_start"] + NEEDLE.index("{key}")
+            parts = (norms[key : key + KEY_DIGITS], norms[answer - 16 : answer], norms[: ex["needle_start"]])
+            sums += [float(part.mean()) if part.numel() else 0.0 for part in parts]
+    finally:
+        model.train(was_training)
+    key, local, before = (float(x) for x in sums / count)
+    return {"length": length, "key": key, "local": local, "filler": before, "key_over_local": key / local}
 
 
 @torch.no_grad()
@@ -549,16 +586,27 @@ def print_tables(report: dict, args) -> None:
     print("\nAccuracy: exact match (per-digit) over all depths; 'skip' = over the eval time cap")
     print(f"{'model':<12}{'task':<9}" + "".join(f"{x:>{width}}" for x in lengths))
     for name, res in report["models"].items():
-        for task in TASKS:
+        for task in args.tasks:
             cells = [fmt_cell(res["eval"][task][x]["all"]) for x in lengths]
             print(f"{name:<12}{task:<9}" + "".join(f"{c:>{width}}" for c in cells))
     for name, res in report["models"].items():
-        for task in TASKS:
+        for task in args.tasks:
             print(f"\n{name} / {task}: exact (per-digit) by depth (rows) and length (columns)")
             print(f"{'depth':<8}" + "".join(f"{x:>{width}}" for x in lengths))
             for d in args.depths:
                 cells = [fmt_cell(res["eval"][task][x][str(d)]) for x in lengths]
                 print(f"{d:<8}" + "".join(f"{c:>{width}}" for c in cells))
+
+
+def print_reach(report: dict) -> None:
+    print("\nGradient reach: mean gradient norm of the first answer digit's log-probability at the key's digits,")
+    print("at the 16 bytes before the answer and at the filler before the needle (see gradient_reach)")
+    print(f"{'model':<12}{'when':<9}{'key':>10}{'local':>10}{'filler':>10}{'key/local':>11}")
+    for name, res in report["models"].items():
+        for when, reach in (("init", res["train"].get("gradient_reach_at_init")), ("trained", res["gradient_reach"])):
+            if reach:
+                values = (reach["key"], reach["local"], reach["filler"], reach["key_over_local"])
+                print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.2e}" for v in values[:3]) + f"{values[3]:>11.2e}")
 
 
 def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
@@ -570,8 +618,11 @@ def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
     paths = []
     lengths = [str(x) for x in args.lengths]
     for name, res in report["models"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(3 + 1.6 * len(lengths) * 2, 1.2 + 0.6 * len(args.depths)))
-        for ax, task in zip(axes, TASKS, strict=True):
+        tasks = args.tasks
+        fig, axes = plt.subplots(
+            1, len(tasks), figsize=(3 + 1.6 * len(lengths) * len(tasks), 1.2 + 0.6 * len(args.depths)), squeeze=False
+        )
+        for ax, task in zip(axes[0], tasks, strict=True):
             grid = np.full((len(args.depths), len(lengths)), np.nan)
             for r, d in enumerate(args.depths):
                 for c, x in enumerate(lengths):
@@ -633,6 +684,7 @@ def parse_args(argv=None):
         "--quick", action="store_true", help="tiny models, a few dozen steps, lengths 256/512 (< 1 min); flags win"
     )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {TASKS}, trained (equal odds) and scored")
     p.add_argument("--steps", type=positive_int, default=300, help="training steps per model")
     p.add_argument("--lengths", default="1024,4096,16384,65536", help="evaluation context lengths (bytes)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fraction of the filler)")
@@ -705,6 +757,9 @@ def parse_args(argv=None):
     if not 0 <= args.copy_fraction < 1:
         p.error("--copy-fraction must be in [0, 1)")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks or any(t not in TASKS for t in args.tasks):
+        p.error(f"--tasks must name some of {TASKS}, got {args.tasks}")
     args.lengths = sorted(int(x) for x in str(args.lengths).split(","))
     args.depths = [float(x) for x in str(args.depths).split(",")]
     unknown = [m for m in args.models if m not in MODELS]
@@ -714,7 +769,7 @@ def parse_args(argv=None):
         p.error("--train-length must be in (0, 2048]")
     if any(not 0 <= d <= 1 for d in args.depths):
         p.error("--depths must lie in [0, 1]")
-    shortest = max(passkey_min_length(), mqar_min_length(args.num_pairs, args.num_queries))
+    shortest = task_min_length(args)
     if min(args.lengths) < shortest or args.train_length < shortest:
         p.error(f"lengths must be >= {shortest} bytes for these tasks")
     return args
@@ -755,12 +810,14 @@ def main(argv=None) -> dict:
             print(f"\n== {name}: reusing the model trained in {saved}", flush=True)
         else:
             model = build_model(name, args, num_neighbors=args.train_neighbors)
+            reach_at_init = gradient_reach(model, eval_filler, max(train_lengths(args)), args.seed)
             print(
                 f"\n== {name}: {num_params(model):,} parameters; training {args.steps} steps on lengths "
                 f"{train_lengths(args)}",
                 flush=True,
             )
             train = train_model(model, name, args, train_filler)
+            train["gradient_reach_at_init"] = reach_at_init
             print(f"{name}: trained in {train['seconds']:.0f} s, final loss {train['final_loss']}", flush=True)
             if is_dfn(model):  # trained with --train-neighbors candidates, read (and saved) with --num-neighbors
                 train["train_neighbors"] = model.config.num_neighbors
@@ -768,11 +825,10 @@ def main(argv=None) -> dict:
             if not args.no_save:
                 model.save_pretrained(saved)
                 (saved / "train.json").write_text(json.dumps(train))
-        if args.diagnose_only:
-            report["models"][name] = {"params": num_params(model), "train": train}
-        else:
-            results = evaluate(model, name, args, eval_filler)
-            report["models"][name] = {"params": num_params(model), "train": train, "eval": results}
+        reach = gradient_reach(model, eval_filler, max(train_lengths(args)), args.seed)
+        report["models"][name] = {"params": num_params(model), "train": train, "gradient_reach": reach}
+        if not args.diagnose_only:
+            report["models"][name]["eval"] = evaluate(model, name, args, eval_filler)
         if is_dfn(model) and not args.no_diagnose:
             length = diagnose_length(args)
             try:
@@ -785,6 +841,7 @@ def main(argv=None) -> dict:
     report["meta"]["wall_seconds"] = time.perf_counter() - wall
     if not args.diagnose_only:
         print_tables(report, args)
+    print_reach(report)
     if report["diagnosis"]:
         print("\nDiagnosis at the query (mean over heads; uniform share = needle bytes / length):")
         for name, diag in report["diagnosis"].items():

@@ -84,7 +84,7 @@ def test_mqar_too_short(fillers):
 
 
 def test_stream_deterministic_batches_share_length(fillers):
-    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.0)
+    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.0, tasks=list(lc.TASKS))
     stream = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
     items = [stream.example(i) for i in range(12)]
     again = lc.TaskStream(fillers[0], [128, 256], batch_size=3, args=args, seed=5)
@@ -114,7 +114,7 @@ def test_copy_warmup_exact(fillers, length):
 
 
 def test_stream_mixes_in_copy_examples(fillers):
-    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.5)
+    args = Namespace(loss="answer", num_pairs=4, num_queries=2, copy_fraction=0.5, tasks=list(lc.TASKS))
     stream = lc.TaskStream(fillers[0], [128], batch_size=4, args=args, seed=1)
     scored = [int((stream.example(i)["labels"] != lc.IGNORE).sum()) for i in range(40)]
     copies = [n for n in scored if n not in (5, 6)]  # passkey 5 and mqar 6 scored bytes; copy 7-61
@@ -146,6 +146,31 @@ def test_teacher_forced_score_matches_greedy(kind, fillers):
     assert not lc.score_batch(model, other, [[np.arange(145, 150)]], args)[0][0][0]
 
 
+def test_gradient_reach_sees_only_paths_that_exist(fillers):
+    """The answer's gradient reaches the key only through a path: none in a DFN without memory whose K nearest and
+    two layers stay within the question (exactly 0); some through the field memory, and through Llama's attention,
+    which reads every byte."""
+    args = Namespace(
+        hidden_size=32, layers=2, heads=2, pos_dim=2, num_neighbors=4, memory_slots=3, memory_chunk_size=16,
+        model=[], seed=0, lengths=[256], train_length=256,
+    )  # fmt: skip
+    reach = {}
+    for kind in ("dfn", "dfn-nomem", "llama"):
+        model = lc.build_model(kind, args)
+        reach[kind] = lc.gradient_reach(model, fillers[1], 200, seed=0, count=2)
+        assert model.training and all(p.grad is None for p in model.parameters())  # left as it was
+    assert reach["dfn-nomem"]["key"] == 0 and reach["dfn-nomem"]["filler"] == 0
+    assert all(r["local"] > 0 for r in reach.values())
+    assert reach["dfn"]["key"] > 0 and reach["llama"]["key"] > 0
+    assert reach["llama"]["key_over_local"] > 100 * reach["dfn"]["key_over_local"]
+
+
+def test_tasks_flag_names_known_tasks():
+    assert lc.parse_args(["--tasks", "passkey"]).tasks == ["passkey"]
+    with pytest.raises(SystemExit):
+        lc.parse_args(["--tasks", "passkey,sorting"])
+
+
 def test_quick_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path)],
@@ -157,12 +182,15 @@ def test_quick_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "torch_threads=" in out and "transformers=" in out and "Accuracy: exact match" in out
+    assert "Gradient reach" in out
     report = json.loads((tmp_path / "long_context.json").read_text())
     assert set(report["models"]) == {"dfn", "dfn-nomem", "dfn-noflow", "llama"}
     params = {name: res["params"] for name, res in report["models"].items()}
     assert abs(params["llama"] - params["dfn"]) / params["dfn"] < 0.05  # same-size baseline
     for res in report["models"].values():
         assert res["train"]["steps"] == 24 and len(res["train"]["loss_curve"]) > 0
+        for reach in (res["train"]["gradient_reach_at_init"], res["gradient_reach"]):
+            assert reach["local"] > 0 and reach["key"] >= 0 and reach["key_over_local"] == reach["key"] / reach["local"]
         for task in ("passkey", "mqar"):
             assert set(res["eval"][task]) == {"256", "512"}
             for cells in res["eval"][task].values():
@@ -187,7 +215,7 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
         [
             sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path),
             "--models", "dfn,dfn-noflow", "--copy-fraction", "0.5", "--train-neighbors", "64",
-            "--model", "use_query_flow=true", "--lengths", "256",
+            "--model", "use_query_flow=true", "--lengths", "256", "--tasks", "passkey",
         ],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
@@ -197,6 +225,7 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
         assert report["models"][name]["train"]["train_neighbors"] == 64
         config = json.loads((tmp_path / "models" / name / "config.json").read_text())
         assert config["num_neighbors"] == 8 and config["use_query_flow"] is query_flow
+    assert all(set(res["eval"]) == {"passkey"} for res in report["models"].values())  # --tasks
     per_layer = report["diagnosis"]["dfn"]["per_layer"]
     assert len(per_layer) == 2 and all(0 <= np.mean(row["needle_knn"]) <= 1 for row in per_layer)
     # a rerun of the saved models at other lengths (--quick's) writes beside the first run's report, replacing nothing
