@@ -420,29 +420,45 @@ def summarise(exact: list[bool], digit: list[float]) -> dict:
 def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float = 0.25, count: int = 4) -> dict:
     """How much the answer can learn from the key: over `count` passkey examples of `length` bytes, the gradient of
     the first answer digit's log-probability with respect to the input embeddings (full pass, no cache, dropout
-    off), its mean norm at the key's digits (`key`), at the 16 bytes just before the answer (`local`) and at the
-    filler before the needle (`filler`). Any model: DFN or Llama. A model whose `key_over_local` is tiny at
-    initialisation gets almost no training signal toward retrieval and stays on the plateau of guessing digits."""
+    off). Its mean norm at the key's digits (`key`), at the 16 bytes before the byte that predicts the answer
+    (`local`; that byte itself reaches the answer through the residual stream, not through a read) and at the filler
+    before the needle (`filler`), and by how far back a byte lies from that byte (`by_distance`: ranges 1, 2-3,
+    4-7, ...). Any model: DFN or Llama. A model whose `key_over_local` is tiny at initialisation gets almost no
+    training signal toward retrieval and stays on the plateau of guessing digits."""
     was_training = model.training
     model.eval()
     embed = model.get_input_embeddings()
-    sums = np.zeros(3)
+    sums, profile, counts = np.zeros(3), {}, {}
     try:
         for j in range(count):
             ex = make_passkey(np.random.default_rng([seed + 3000, length, j]), filler, length, depth)
             ids = torch.from_numpy(ex["input_ids"]).unsqueeze(0)
             inputs = embed(ids).detach().requires_grad_(True)
-            answer = int(ex["answers"][0][0])
-            logits = model(inputs_embeds=inputs, use_cache=False).logits[0, answer - 1]
-            (grad,) = torch.autograd.grad(torch.log_softmax(logits.float(), -1)[ids[0, answer]], inputs)
+            query = int(ex["answers"][0][0]) - 1  # the byte whose logits predict the first digit
+            logits = model(inputs_embeds=inputs, use_cache=False).logits[0, query]
+            (grad,) = torch.autograd.grad(torch.log_softmax(logits.float(), -1)[ids[0, query + 1]], inputs)
             norms = grad[0].norm(dim=-1)
             key = ex["needle_start"] + NEEDLE.index("{key}")
-            parts = (norms[key : key + KEY_DIGITS], norms[answer - 16 : answer], norms[: ex["needle_start"]])
+            parts = (norms[key : key + KEY_DIGITS], norms[query - 16 : query], norms[: ex["needle_start"]])
             sums += [float(part.mean()) if part.numel() else 0.0 for part in parts]
+            low = 1
+            while low <= query:
+                high = min(2 * low, query + 1)  # distances [low, high)
+                name = f"{low}-{high - 1}"
+                profile[name] = profile.get(name, 0.0) + float(norms[query - high + 1 : query - low + 1].mean())
+                counts[name] = counts.get(name, 0) + 1
+                low = high
     finally:
         model.train(was_training)
     key, local, before = (float(x) for x in sums / count)
-    return {"length": length, "key": key, "local": local, "filler": before, "key_over_local": key / local}
+    return {
+        "length": length,
+        "key": key,
+        "local": local,
+        "filler": before,
+        "key_over_local": key / local,
+        "by_distance": {name: total / counts[name] for name, total in profile.items()},
+    }
 
 
 @torch.no_grad()
@@ -600,13 +616,24 @@ def print_tables(report: dict, args) -> None:
 
 def print_reach(report: dict) -> None:
     print("\nGradient reach: mean gradient norm of the first answer digit's log-probability at the key's digits,")
-    print("at the 16 bytes before the answer and at the filler before the needle (see gradient_reach)")
+    print("at the 16 bytes before the byte that predicts it and at the filler before the needle (see gradient_reach)")
     print(f"{'model':<12}{'when':<9}{'key':>10}{'local':>10}{'filler':>10}{'key/local':>11}")
     for name, res in report["models"].items():
         for when, reach in (("init", res["train"].get("gradient_reach_at_init")), ("trained", res["gradient_reach"])):
             if reach:
                 values = (reach["key"], reach["local"], reach["filler"], reach["key_over_local"])
                 print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.2e}" for v in values[:3]) + f"{values[3]:>11.2e}")
+    rows = [
+        (name, when, reach["by_distance"])
+        for name, res in report["models"].items()
+        for when, reach in (("init", res["train"].get("gradient_reach_at_init")), ("trained", res["gradient_reach"]))
+        if reach and "by_distance" in reach
+    ]
+    if rows:
+        print("\nThe same gradient by how many bytes back a byte lies")
+        print(f"{'model':<12}{'when':<9}" + "".join(f"{d:>10}" for d in rows[0][2]))
+        for name, when, profile in rows:
+            print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.1e}" for v in profile.values()))
 
 
 def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:

@@ -160,6 +160,9 @@ def test_gradient_reach_sees_only_paths_that_exist(fillers):
         reach[kind] = lc.gradient_reach(model, fillers[1], 200, seed=0, count=2)
         assert model.training and all(p.grad is None for p in model.parameters())  # left as it was
     assert reach["dfn-nomem"]["key"] == 0 and reach["dfn-nomem"]["filler"] == 0
+    by_distance = reach["dfn-nomem"]["by_distance"]  # two layers of K = 4 neighbours read at most 8 bytes back
+    assert by_distance["1-1"] > 0 and by_distance["4-7"] > 0 and by_distance["16-31"] == by_distance["64-127"] == 0
+    assert all(value > 0 for value in reach["llama"]["by_distance"].values())
     assert all(r["local"] > 0 for r in reach.values())
     assert reach["dfn"]["key"] > 0 and reach["llama"]["key"] > 0
     assert reach["llama"]["key_over_local"] > 100 * reach["dfn"]["key_over_local"]
