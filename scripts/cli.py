@@ -1,5 +1,5 @@
-"""What every script shares on its command line: count arguments that reject nonsense, and the rule before writing
-results (nothing a user saved is replaced unless asked)."""
+"""What every script shares on its command line: count arguments that reject nonsense, the rule before writing
+results (nothing a user saved is replaced unless asked), and the doubling ranges results are grouped by."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
     return value
+
+
+def doubling_ranges(n: int) -> list[tuple[int, int]]:
+    """The ranges 1, 2-3, 4-7, ... (inclusive `(low, high)` pairs) that cover 1..n, the last one cut at n."""
+    ranges, low = [], 1
+    while low <= n:
+        ranges.append((low, min(2 * low, n + 1) - 1))
+        low *= 2
+    return ranges
 
 
 def quick_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, **values) -> None:

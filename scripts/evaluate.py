@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from cli import check_writable_file, non_negative_int, positive_int, refuse_overwrite
+from cli import check_writable_file, doubling_ranges, non_negative_int, positive_int, refuse_overwrite
 from tqdm.auto import tqdm
 
 from dfn.data import read_text_bytes, train_val_split
@@ -86,13 +86,11 @@ def score_bytes(
 def context_buckets(losses: torch.Tensor, counts: torch.Tensor) -> list[dict]:
     """Summed losses and counts of the bytes scored after 1, 2, ... bytes of context `(block_size - 1,)`, grouped
     into power-of-two ranges of context: nats per byte and bytes scored per range."""
-    buckets, low = [], 1
-    while low <= len(losses):
-        high = min(2 * low, len(losses) + 1)  # contexts [low, high)
-        total, count = float(losses[low - 1 : high - 1].sum()), int(counts[low - 1 : high - 1].sum())
+    buckets = []
+    for low, high in doubling_ranges(len(losses)):
+        total, count = float(losses[low - 1 : high].sum()), int(counts[low - 1 : high].sum())
         if count:
-            buckets.append({"context": [low, high - 1], "nats_per_byte": total / count, "bytes": count})
-        low = high
+            buckets.append({"context": [low, high], "nats_per_byte": total / count, "bytes": count})
     return buckets
 
 

@@ -64,7 +64,7 @@ from torch.utils.data import IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from cli import non_negative_int, positive_int, quick_defaults, refuse_overwrite  # noqa: E402
+from cli import doubling_ranges, non_negative_int, positive_int, quick_defaults, refuse_overwrite  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tinyshakespeare.txt"
@@ -428,7 +428,7 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
     was_training = model.training
     model.eval()
     embed = model.get_input_embeddings()
-    sums, profile, counts = np.zeros(3), {}, {}
+    sums, profile = np.zeros(3), {}
     try:
         for j in range(count):
             ex = make_passkey(np.random.default_rng([seed + 3000, length, j]), filler, length, depth)
@@ -441,13 +441,9 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
             key = ex["needle_start"] + NEEDLE.index("{key}")
             parts = (norms[key : key + KEY_DIGITS], norms[query - 16 : query], norms[: ex["needle_start"]])
             sums += [float(part.mean()) if part.numel() else 0.0 for part in parts]
-            low = 1
-            while low <= query:
-                high = min(2 * low, query + 1)  # distances [low, high)
-                name = f"{low}-{high - 1}"
-                profile[name] = profile.get(name, 0.0) + float(norms[query - high + 1 : query - low + 1].mean())
-                counts[name] = counts.get(name, 0) + 1
-                low = high
+            for low, high in doubling_ranges(query):  # bytes low..high back from the query byte
+                name = f"{low}-{high}"
+                profile[name] = profile.get(name, 0.0) + float(norms[query - high : query - low + 1].mean())
     finally:
         model.train(was_training)
     key, local, before = (float(x) for x in sums / count)
@@ -457,7 +453,7 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
         "local": local,
         "filler": before,
         "key_over_local": key / local,
-        "by_distance": {name: total / counts[name] for name, total in profile.items()},
+        "by_distance": {name: total / count for name, total in profile.items()},
     }
 
 
@@ -617,23 +613,20 @@ def print_tables(report: dict, args) -> None:
 def print_reach(report: dict) -> None:
     print("\nGradient reach: mean gradient norm of the first answer digit's log-probability at the key's digits,")
     print("at the 16 bytes before the byte that predicts it and at the filler before the needle (see gradient_reach)")
-    print(f"{'model':<12}{'when':<9}{'key':>10}{'local':>10}{'filler':>10}{'key/local':>11}")
-    for name, res in report["models"].items():
-        for when, reach in (("init", res["train"].get("gradient_reach_at_init")), ("trained", res["gradient_reach"])):
-            if reach:
-                values = (reach["key"], reach["local"], reach["filler"], reach["key_over_local"])
-                print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.2e}" for v in values[:3]) + f"{values[3]:>11.2e}")
     rows = [
-        (name, when, reach["by_distance"])
+        (name, when, reach)
         for name, res in report["models"].items()
         for when, reach in (("init", res["train"].get("gradient_reach_at_init")), ("trained", res["gradient_reach"]))
-        if reach and "by_distance" in reach
+        if reach
     ]
-    if rows:
-        print("\nThe same gradient by how many bytes back a byte lies")
-        print(f"{'model':<12}{'when':<9}" + "".join(f"{d:>10}" for d in rows[0][2]))
-        for name, when, profile in rows:
-            print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.1e}" for v in profile.values()))
+    print(f"{'model':<12}{'when':<9}{'key':>10}{'local':>10}{'filler':>10}{'key/local':>11}")
+    for name, when, reach in rows:
+        values = "".join(f"{reach[k]:>10.2e}" for k in ("key", "local", "filler"))
+        print(f"{name:<12}{when:<9}{values}{reach['key_over_local']:>11.2e}")
+    print("\nThe same gradient by how many bytes back a byte lies")
+    print(f"{'model':<12}{'when':<9}" + "".join(f"{d:>10}" for d in rows[0][2]["by_distance"]))
+    for name, when, reach in rows:
+        print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.1e}" for v in reach["by_distance"].values()))
 
 
 def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
