@@ -424,7 +424,8 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
     (`local`; that byte itself reaches the answer through the residual stream, not through a read) and at the filler
     before the needle (`filler`), and by how far back a byte lies from that byte (`by_distance`: ranges 1, 2-3,
     4-7, ...). Any model: DFN or Llama. A model whose `key_over_local` is tiny at initialisation gets almost no
-    training signal toward retrieval and stays on the plateau of guessing digits."""
+    training signal toward retrieval and stays on the plateau of guessing digits (a larger one does not ensure that
+    training leaves it: seeds of equal reach differ)."""
     was_training = model.training
     model.eval()
     embed = model.get_input_embeddings()
