@@ -42,7 +42,8 @@ from. `--tasks passkey` trains and scores one task only.
 
 Writes `<out-dir>/long_context.json` (also after each model), `<out-dir>/heatmap_<model>.png`, the trained models
 (`<out-dir>/models/<name>`, reused by `--reuse`, whose report and heat maps are named by their lengths:
-`long_context_reuse_1024-4096.json`) and prints the tables. Runs on one torch
+`long_context_reuse_1024-4096.json`, or trained further by a later run's `--init-from <out-dir>`: a length
+curriculum) and prints the tables. Runs on one torch
 thread by default (`--threads`): on a shared 2-core machine that is several times faster than two.
 """
 
@@ -270,6 +271,29 @@ def build_model(name: str, args, num_neighbors: int | None = None):
         raise ValueError(f"unknown model {name!r}; known: {MODELS}")
     longest = max(max(args.lengths), args.train_length)
     return same_size_llama(train_lib.dfn_config_from_args(args), max_position_embeddings=longest)
+
+
+def init_folder(name: str, args) -> Path:
+    return Path(args.init_from) / "models" / name
+
+
+def init_train(name: str, args) -> dict | None:
+    record = init_folder(name, args) / "train.json"
+    return json.loads(record.read_text()) if record.exists() else None
+
+
+def start_model(name: str, args):
+    """The model a run trains: fresh, or with `--init-from` the one an earlier run saved (its architecture wins over
+    the size flags; DFN models train with `--train-neighbors` candidates as fresh ones do)."""
+    if not args.init_from:
+        return build_model(name, args, num_neighbors=args.train_neighbors)
+    folder = init_folder(name, args)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"--init-from: no saved model {name!r} in {folder} (a run's --out-dir holds models/<name>)")
+    model = load_model(name, folder)
+    if is_dfn(model):
+        model.config.num_neighbors = args.train_neighbors or args.num_neighbors
+    return model
 
 
 def num_params(model) -> int:
@@ -540,20 +564,23 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     # write mass S (chunks, H, M) and the gate 1 - exp(-S) each complete chunk applies to each slot
                     mass = torch.exp(write_scores(flow[0, :prefix], log_w[0, :prefix], params))
                     mass = mass.view(-1, cfg.memory_chunk_size, heads, cfg.memory_slots).sum(1)
-                    key_chunk = key_start // cfg.memory_chunk_size
-                    best = mass[key_chunk].argmax(-1)  # (H,) the slot the key's chunk writes most into
-                    slot_mass = mass.gather(2, best.view(1, -1, 1).expand(mass.shape[0], -1, 1))[..., 0]
-                    later = slot_mass[key_chunk + 1 :]
                     row.update(
                         slot_needle_share=before_q["val"][0, :, :, 0].amax(-1).tolist(),
                         mem_frac=mem_frac.tolist(),
                         needle_mem=needle_mem.tolist(),
                         needle_total=((1 - mem_frac) * needle_knn + mem_frac * needle_mem).tolist(),
-                        key_gate=(-torch.expm1(-slot_mass[key_chunk])).tolist(),
-                        filler_gate=(-torch.expm1(-later)).median(0).values.tolist() if len(later) else None,
-                        retention=torch.exp(-later.sum(0)).tolist(),
-                        chunks_between=len(later),
                     )
+                    key_chunk = key_start // cfg.memory_chunk_size
+                    if key_chunk < len(mass):  # else the key's chunk is not yet written when q reads
+                        best = mass[key_chunk].argmax(-1)  # (H,) the slot the key's chunk writes most into
+                        slot_mass = mass.gather(2, best.view(1, -1, 1).expand(mass.shape[0], -1, 1))[..., 0]
+                        later = slot_mass[key_chunk + 1 :]
+                        row.update(
+                            key_gate=(-torch.expm1(-slot_mass[key_chunk])).tolist(),
+                            filler_gate=(-torch.expm1(-later)).median(0).values.tolist() if len(later) else None,
+                            retention=torch.exp(-later.sum(0)).tolist(),
+                            chunks_between=len(later),
+                        )
                 else:
                     row["needle_total"] = row["needle_knn"]
                 rows.append(row)
@@ -564,7 +591,8 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
     per_layer = []
     for i in range(len(layers)):
         mine = [r for r in rows if r["layer"] == i]
-        entry = {k: np.mean([r[k] for r in mine], axis=0).tolist() for k in mine[0] if k != "layer"}
+        shared = [k for k in mine[0] if k != "layer" and all(r.get(k) is not None for r in mine)]
+        entry = {k: np.mean([r[k] for r in mine], axis=0).tolist() for k in shared}
         per_layer.append({"layer": i, **entry})
     return {
         "length": length,
@@ -751,6 +779,12 @@ def parse_args(argv=None):
         action="store_true",
         help="only the diagnosis of the models saved in <out-dir>/models/ (writes diagnosis_<length>.json)",
     )
+    p.add_argument(
+        "--init-from",
+        default="",
+        help="continue training the models an earlier run saved in <DIR>/models/<name> (a length curriculum: "
+        "train short, then on longer sequences) instead of fresh ones",
+    )
     p.add_argument("--no-save", action="store_true", help="do not save the trained models to <out-dir>/models/")
     p.add_argument(
         "--reuse",
@@ -830,7 +864,7 @@ def main(argv=None) -> dict:
             train = json.loads((saved / "train.json").read_text())
             print(f"\n== {name}: reusing the model trained in {saved}", flush=True)
         else:
-            model = build_model(name, args, num_neighbors=args.train_neighbors)
+            model = start_model(name, args)
             reach_at_init = gradient_reach(model, eval_filler, max(train_lengths(args)), args.seed)
             print(
                 f"\n== {name}: {num_params(model):,} parameters; training {args.steps} steps on lengths "
@@ -839,6 +873,8 @@ def main(argv=None) -> dict:
             )
             train = train_model(model, name, args, train_filler)
             train["gradient_reach_at_init"] = reach_at_init
+            if args.init_from:
+                train["init_from"] = {"folder": str(init_folder(name, args)), "train": init_train(name, args)}
             print(f"{name}: trained in {train['seconds']:.0f} s, final loss {train['final_loss']}", flush=True)
             if is_dfn(model):  # trained with --train-neighbors candidates, read (and saved) with --num-neighbors
                 train["train_neighbors"] = model.config.num_neighbors

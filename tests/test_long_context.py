@@ -168,6 +168,20 @@ def test_gradient_reach_sees_only_paths_that_exist(fillers):
     assert reach["llama"]["key_over_local"] > 100 * reach["dfn"]["key_over_local"]
 
 
+@pytest.mark.parametrize("depth", [0.0, 1.0])
+def test_diagnose_any_depth(fillers, depth):
+    """The diagnosis holds at every depth: a needle in the query's own chunk (depth 1) is not yet in the memory, so
+    the write-side fields (gate, retention) are left out instead of failing."""
+    args = Namespace(
+        hidden_size=32, layers=2, heads=2, pos_dim=2, num_neighbors=4, memory_slots=3, memory_chunk_size=128,
+        model=[], seed=0, lengths=[256], train_length=256,
+    )  # fmt: skip
+    diag = lc.diagnose(lc.build_model("dfn", args).eval(), args, fillers[1], 200, depth=depth)
+    for row in diag["per_layer"]:
+        assert 0 <= np.mean(row["needle_total"]) <= 1 and 0 <= np.mean(row["mem_frac"]) <= 1
+        assert ("retention" in row) == (depth == 0.0)
+
+
 def test_tasks_flag_names_known_tasks():
     assert lc.parse_args(["--tasks", "passkey"]).tasks == ["passkey"]
     with pytest.raises(SystemExit):
@@ -245,3 +259,27 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
     rerun = json.loads((tmp_path / "long_context_reuse_256-512.json").read_text())
     assert set(rerun["models"]["dfn"]["eval"]["passkey"]) == {"256", "512"}
     assert (tmp_path / "heatmap_dfn_reuse_256-512.png").is_file()
+    # --init-from: the curriculum run starts from the saved weights (its gradient reach before training is the first
+    # run's after it) and records where it started
+    then = tmp_path / "longer"
+    proc = subprocess.run(
+        [
+            sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(then),
+            "--models", "dfn", "--init-from", str(tmp_path), "--steps", "2", "--lengths", "256", "--no-diagnose",
+            "--tasks", "passkey",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads((then / "models" / "dfn" / "train.json").read_text())
+    assert train["steps"] == 2 and train["init_from"]["folder"] == str(tmp_path / "models" / "dfn")
+    assert train["init_from"]["train"]["train_neighbors"] == 64
+    before, after_first = train["gradient_reach_at_init"], report["models"]["dfn"]["gradient_reach"]
+    assert before["key"] == pytest.approx(after_first["key"], rel=1e-5)
+    assert before["local"] == pytest.approx(after_first["local"], rel=1e-5)
+    proc = subprocess.run(
+        [sys.executable, "scripts/long_context.py", "--quick", "--models", "dfn", "--init-from", str(then / "none"),
+         "--out-dir", str(tmp_path / "never")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--init-from: no saved model 'dfn'" in proc.stderr
