@@ -23,7 +23,9 @@ that passkey and MQAR need, with more scored bytes per example). `--train-neighb
 neighbour candidates (the longest training length: every earlier entity) and reads them with `--num-neighbors`.
 
 Evaluation reads every sequence in segments of `--segment` bytes: DFN through a `DFNCache` (exact, or bounded to the
-last `--window` entities plus the field memory), Llama through its KV cache. Every (model, task, length) cell is
+last `--window` entities plus the field memory), Llama through its KV cache. A bounded cache evicts after each call,
+so a query sees between W and W + S bytes back (W = `--window`, S = `--segment`): to test what only the memory
+carries, put the key further back than that (e.g. `--segment 256`). Every (model, task, length) cell is
 timed; a cell whose predicted time (from the previous length: x ratio for DFN in bounded mode, x ratio^2 otherwise)
 exceeds `--eval-time-cap` is skipped and marked. All models see the same evaluation examples.
 
