@@ -129,10 +129,11 @@ class DFNCacheLayer(CacheLayerMixin):
     is_croppable = True
     is_sliding = False
 
-    def __init__(self, pos_dim: int, bounded: bool = False):
+    def __init__(self, pos_dim: int, bounded: bool = False, memory_grad: bool = False):
         super().__init__()
         self.pos_dim = pos_dim
         self.bounded = bounded  # a bounded cache's layer: no block structure (it searches at most its window)
+        self.memory_grad = memory_grad  # keep the memory state's autograd graph across calls (see DFNCache)
         self.entities: RowBuffer | None = None
         self.key_positions: RowBuffer | None = None
         self.memory: dict | None = None
@@ -297,10 +298,15 @@ class DFNCache(Cache):
             are kept (plus the field memory), so a document of any length is read in constant memory. Entities of
             one call still see each other and the kept window; results then differ from a full pass once
             neighbours fall out of the window. `None` (default) keeps everything and matches a full pass exactly.
+        memory_grad (`bool`, *optional*): keep the field memory's autograd graph from call to call, so a loss in a
+            later call backpropagates through the memory into earlier calls (training through a bounded cache; call
+            `backward` once, after the last call). The cached entities are stored without their graph either way.
+            Default `False`: each call's memory starts detached (truncated backpropagation).
     """
 
-    def __init__(self, config, window: int | None = None):
-        layers = [DFNCacheLayer(config.pos_dim, bounded=window is not None) for _ in range(config.num_hidden_layers)]
+    def __init__(self, config, window: int | None = None, memory_grad: bool = False):
+        bounded = window is not None
+        layers = [DFNCacheLayer(config.pos_dim, bounded, memory_grad) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"DFNCache window must be None or an integer >= 1, got {window!r}")

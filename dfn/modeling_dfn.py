@@ -437,14 +437,20 @@ class DFNFlowLayer(GradientCheckpointingLayer):
     @staticmethod
     def _store_memory(cache_layer, memory: dict | None) -> None:
         if cache_layer is not None and memory is not None:
-            # contiguous: a prefill leaves views of one packed tensor, a decoding step fresh tensors; one layout keeps
-            # compiled decoding steps from compiling again at the first memory commit (a decoding step's own tensors
-            # are kept as they are: a copy per tensor would cost more than the rest of this bookkeeping)
-            cache_layer.memory = {
-                name: t if t._base is None and t.is_contiguous() and not t.requires_grad else t.detach().contiguous()
-                for name, t in memory.items()
-            }
+            keep_graph = cache_layer.memory_grad
+            cache_layer.memory = {name: DFNFlowLayer._kept(t, keep_graph) for name, t in memory.items()}
             cache_layer.memory_stale = False
+
+    @staticmethod
+    def _kept(t: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+        """A memory tensor as the cache keeps it: with its autograd graph if `keep_graph` (backpropagation through
+        the memory across calls), else detached. Contiguous: a prefill leaves views of one packed tensor, a decoding
+        step fresh tensors; one layout keeps compiled decoding steps from compiling again at the first memory commit
+        (a decoding step's own tensors are kept as they are: a copy per tensor would cost more than the rest of this
+        bookkeeping)."""
+        if keep_graph and t.requires_grad:
+            return t.contiguous()
+        return t if t._base is None and t.is_contiguous() and not t.requires_grad else t.detach().contiguous()
 
     def _project(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> tuple:
         """The new entities' normalised states `(B, N, E)`, positions moved by the flow `(B, N, H, k)`, query points

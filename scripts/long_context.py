@@ -312,14 +312,47 @@ def load_model(name: str, folder: Path):
     return cls.from_pretrained(folder).eval()
 
 
+class BoundedStreamTrainer(train_lib.ByteLMTrainer):
+    """Trains a DFN as a bounded cache reads it: each batch goes through a `DFNCache(window=window)` in calls of
+    `segment` bytes, with gradients through the field memory from call to call (`memory_grad`; the kept entities
+    carry none), so a byte more than `window + segment` back reaches the loss only through the memory (in a full
+    pass the K nearest can reach it too)."""
+
+    def __init__(self, *args, window: int, segment: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window, self.segment = window, segment
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from dfn import DFNCache
+
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        cache = DFNCache(model.config, window=self.window, memory_grad=True)
+        logits = torch.cat(
+            [
+                model(input_ids=ids[:, start : start + self.segment], cache=cache, use_cache=True).logits
+                for start in range(0, ids.shape[1], self.segment)
+            ],
+            dim=1,
+        )  # (B, L, V)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+        )
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
 def train_model(model, name: str, args, filler: Filler) -> dict:
-    """Train through `transformers.Trainer` on the on-the-fly task stream; returns timings and the loss curve."""
+    """Train through `transformers.Trainer` on the on-the-fly task stream (DFN models through a bounded cache with
+    `--train-window`); returns timings and the loss curve."""
     lengths = train_lengths(args)
     stream = TaskStream(filler, lengths, args.batch_size, args, seed=args.seed)
     out_dir = str(Path(args.out_dir) / "runs" / name)
+    bounded = {}
+    if args.train_window and is_dfn(model):
+        bounded = {"window": args.train_window, "segment": args.train_segment}
     run = train_lib.train_on_stream(
-        model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=False
-    )
+        model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=False,
+        trainer_class=BoundedStreamTrainer if bounded else None, trainer_kwargs=bounded,
+    )  # fmt: skip
     curve = run["loss_curve"]
     return {
         "steps": args.steps,
@@ -327,6 +360,7 @@ def train_model(model, name: str, args, filler: Filler) -> dict:
         "train_lengths": lengths,
         "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else None,
+        "bounded": bounded or None,
     }
 
 
@@ -763,6 +797,14 @@ def parse_args(argv=None):
         help="DFN models train with this many neighbour candidates and are read with --num-neighbors "
         "(0 = --num-neighbors; the longest training length = every earlier entity)",
     )
+    p.add_argument(
+        "--train-window",
+        type=non_negative_int,
+        default=0,
+        help="train DFN models through a bounded cache of this many entities, read in --train-segment calls, so far "
+        "bytes reach the loss only through the field memory (0 = full passes)",
+    )
+    p.add_argument("--train-segment", type=positive_int, default=256, help="bytes per call with --train-window")
     p.add_argument("--num-pairs", type=positive_int, default=8, help="MQAR key-value pairs per example")
     p.add_argument("--num-queries", type=positive_int, default=4, help="MQAR queries per example")
     p.add_argument("--eval-examples", type=positive_int, default=8, help="examples per (task, length, depth) cell")

@@ -579,11 +579,13 @@ def dfn_config_from_args(args, **overrides):
     return DFNConfig(**{**size, **parse_model_overrides(args.model), **overrides})
 
 
-def train_on_stream(model, stream, out_dir: str, args, logging_steps: int, **training_args) -> dict:
-    """Train `model` through `ByteLMTrainer` on an endless `IterableDataset` of `{"input_ids", "labels"}` examples,
-    with warmup (10 % of the steps) and cosine decay; `args` gives `steps`, `batch_size`, `lr`, `seed` and
-    `geometry_lr_scale`, `training_args` any other `TrainingArguments` field. Returns the training seconds and the
-    logged loss curve `[(step, loss), ...]`."""
+def train_on_stream(
+    model, stream, out_dir: str, args, logging_steps: int, trainer_class=None, trainer_kwargs=None, **training_args
+) -> dict:
+    """Train `model` through `ByteLMTrainer` (or its subclass `trainer_class`, given `trainer_kwargs`) on an endless
+    `IterableDataset` of `{"input_ids", "labels"}` examples, with warmup (10 % of the steps) and cosine decay; `args`
+    gives `steps`, `batch_size`, `lr`, `seed` and `geometry_lr_scale`, `training_args` any other `TrainingArguments`
+    field. Returns the training seconds and the logged loss curve `[(step, loss), ...]`."""
     from transformers import default_data_collator
 
     targs = TrainingArguments(
@@ -603,12 +605,13 @@ def train_on_stream(model, stream, out_dir: str, args, logging_steps: int, **tra
         use_cpu=not torch.cuda.is_available(),
         **training_args,
     )
-    trainer = ByteLMTrainer(  # geometry parameters get their own learning rate
+    trainer = (trainer_class or ByteLMTrainer)(  # geometry parameters get their own learning rate
         model=model,
         args=targs,
         train_dataset=stream,
         data_collator=default_data_collator,
         geometry_lr_scale=args.geometry_lr_scale,
+        **(trainer_kwargs or {}),
     )
     start = time.perf_counter()
     trainer.train()

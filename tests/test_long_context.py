@@ -182,6 +182,37 @@ def test_diagnose_any_depth(fillers, depth):
         assert ("retention" in row) == (depth == 0.0)
 
 
+def test_bounded_stream_training_loss():
+    """`--train-window` trains as a bounded cache reads: with a window longer than the sequence the loss is the full
+    pass's; with a short one, a byte beyond the cache's reach gets gradient only through the field memory."""
+    from dfn import DFNConfig, DFNForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 64))
+    labels = torch.full_like(ids, lc.IGNORE)
+    labels[:, -4:] = ids[:, -4:]
+    grads = {}
+    for use_memory in (True, False):
+        config = DFNConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pos_dim=2, num_neighbors=4, memory_slots=3,
+            memory_chunk_size=8, use_memory=use_memory,
+        )  # fmt: skip
+        model = DFNForCausalLM(config)
+        full = model(input_ids=ids, labels=labels).loss
+        wide = lc.BoundedStreamTrainer.compute_loss(
+            Namespace(window=1000, segment=16), model, {"input_ids": ids, "labels": labels}
+        )
+        assert torch.allclose(wide, full, atol=1e-5)
+        embedded = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out, seen=embedded: seen.append(out))
+        narrow = lc.BoundedStreamTrainer.compute_loss(
+            Namespace(window=8, segment=8), model, {"input_ids": ids, "labels": labels}
+        )
+        hook.remove()
+        grads[use_memory] = torch.autograd.grad(narrow, embedded[0])[0]  # the first call's 8 bytes, 56+ bytes back
+    assert grads[False].abs().max() == 0 and grads[True].abs().max() > 0
+
+
 def test_tasks_flag_names_known_tasks():
     assert lc.parse_args(["--tasks", "passkey"]).tasks == ["passkey"]
     with pytest.raises(SystemExit):
@@ -266,14 +297,15 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
         [
             sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(then),
             "--models", "dfn", "--init-from", str(tmp_path), "--steps", "2", "--lengths", "256", "--no-diagnose",
-            "--tasks", "passkey",
+            "--tasks", "passkey", "--train-window", "64", "--train-segment", "32",
         ],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = json.loads((then / "models" / "dfn" / "train.json").read_text())
     assert train["steps"] == 2 and train["init_from"]["folder"] == str(tmp_path / "models" / "dfn")
-    assert train["init_from"]["train"]["train_neighbors"] == 64
+    assert train["init_from"]["train"]["train_neighbors"] == 64 and train["init_from"]["train"]["bounded"] is None
+    assert train["bounded"] == {"window": 64, "segment": 32}
     before, after_first = train["gradient_reach_at_init"], report["models"]["dfn"]["gradient_reach"]
     assert before["key"] == pytest.approx(after_first["key"], rel=1e-5)
     assert before["local"] == pytest.approx(after_first["local"], rel=1e-5)

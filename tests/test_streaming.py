@@ -54,6 +54,21 @@ def test_bounded_cache_keeps_window_and_memory_only():
         cache.crop(-1)
 
 
+@pytest.mark.parametrize("memory_grad", [False, True])
+def test_memory_grad_backpropagates_through_the_memory_across_calls(memory_grad):
+    """With `memory_grad` a loss in a later call reaches, through the field memory, bytes that no cache holds any
+    more; without it each call's memory starts detached and their gradient is exactly 0."""
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 64))
+    cache, embedded = DFNCache(model.config, window=8, memory_grad=memory_grad), []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out))
+    logits = [model(ids[:, i : i + 8], cache=cache, use_cache=True).logits for i in range(0, 64, 8)]
+    hook.remove()
+    loss = logits[-1][:, -1].logsumexp(-1).sum()
+    first = torch.autograd.grad(loss, embedded[0], allow_unused=True)[0]  # 56+ bytes back; None: not in the graph
+    assert (first is not None and first.abs().max() > 0) == memory_grad
+
+
 @torch.no_grad()
 def test_bounded_cache_equals_full_pass_while_everything_fits():
     model = tiny_model()
