@@ -334,9 +334,7 @@ class BoundedStreamTrainer(train_lib.ByteLMTrainer):
             ],
             dim=1,
         )  # (B, L, V)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
-        )
+        loss = model.loss_function(logits, labels, vocab_size=model.config.vocab_size)  # as the full pass's
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
