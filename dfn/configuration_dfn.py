@@ -49,6 +49,10 @@ class DFNConfig(PreTrainedConfig):
             spaced geometrically across heads (large = local head, small = near-global head).
         memory_slots (`int`, defaults to 16): M field-memory slots per layer and head.
         memory_chunk_size (`int`, defaults to 64): C, the memory is written once per absolute chunk of C entities.
+        memory_init_log_mass (`float`, defaults to -5.0): log of the kernel mass the M slots together start with,
+            relative to one neighbour at distance 0 with influence weight 1 (each slot's log weight starts at this
+            minus log M). The default starts the memory almost silent, which language modelling prefers early on; a
+            larger value gives a read through the memory alone more gradient at initialisation (see the README).
         mlp_ratio (`float`, defaults to 4.0): MLP size: the "gelu" MLP's hidden width as a multiple of `hidden_size`;
             the "swiglu" MLP has about the same number of weights (hidden width `0.6 * mlp_ratio * hidden_size`,
             rounded to a multiple of 32).
@@ -90,6 +94,7 @@ class DFNConfig(PreTrainedConfig):
         time_scale_max: float = 1.0,
         memory_slots: int = 16,
         memory_chunk_size: int = 64,
+        memory_init_log_mass: float = -5.0,
         mlp_ratio: float = 4.0,
         mlp_type: str = "swiglu",
         dropout: float = 0.0,
@@ -121,6 +126,7 @@ class DFNConfig(PreTrainedConfig):
         self.time_scale_max = time_scale_max
         self.memory_slots = memory_slots
         self.memory_chunk_size = memory_chunk_size
+        self.memory_init_log_mass = memory_init_log_mass
         self.mlp_ratio = mlp_ratio
         self.mlp_type = mlp_type
         self.dropout = dropout
@@ -220,6 +226,9 @@ class DFNConfig(PreTrainedConfig):
             or not (0 <= self.flow_alpha_init <= 10)
         ):
             raise ValueError(f"DFNConfig.flow_alpha_init must be a number in [0, 10], got {self.flow_alpha_init!r}")
+        value = self.memory_init_log_mass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -30 <= value <= 10:
+            raise ValueError(f"DFNConfig.memory_init_log_mass must be a number in [-30, 10], got {value!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm", "use_cache", "tie_word_embeddings"):

@@ -802,10 +802,10 @@ class DFNPreTrainedModel(PreTrainedModel):
                     init.normal_(module.memory_pos, std=1.0)
                     init.constant_(module.memory_log_width, math.log(config.kernel_width_init))
                 init.normal_(module.memory_val, std=config.initializer_range)
-                # the slots together start with ~1 % of a near neighbour's kernel mass: a fresh memory holds no
-                # context yet. Measured (compare.py cpu preset, 150 steps, ctx 256): val 2.2596 with weight 1/2 per
+                # by default the slots together start with ~1 % of a near neighbour's kernel mass: a fresh memory holds
+                # no context yet. Measured (compare.py cpu preset, 150 steps, ctx 256): val 2.2596 with weight 1/2 per
                 # slot, 2.1507 at a tenth of a neighbour's mass, 2.1384 at this init.
-                init.constant_(module.memory_log_weight, -math.log(config.memory_slots) - 5.0)
+                init.constant_(module.memory_log_weight, config.memory_init_log_mass - math.log(config.memory_slots))
                 # write scale β = 1/C: a chunk of average entities moves a slot part of the way, not all of it
                 init.constant_(module.memory_write_scale, -math.log(config.memory_chunk_size))
         elif isinstance(module, DFNModel):

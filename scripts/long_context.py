@@ -323,19 +323,31 @@ class BoundedStreamTrainer(train_lib.ByteLMTrainer):
         self.window, self.segment = window, segment
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from dfn import DFNCache
-
-        ids, labels = inputs["input_ids"], inputs["labels"]
-        cache = DFNCache(model.config, window=self.window, memory_grad=True)
-        logits = torch.cat(
-            [
-                model(input_ids=ids[:, start : start + self.segment], cache=cache, use_cache=True).logits
-                for start in range(0, ids.shape[1], self.segment)
-            ],
-            dim=1,
-        )  # (B, L, V)
-        loss = model.loss_function(logits, labels, vocab_size=model.config.vocab_size)  # as the full pass's
+        logits = bounded_logits(model, self.window, self.segment, input_ids=inputs["input_ids"])  # (B, L, V)
+        loss = model.loss_function(logits, inputs["labels"], vocab_size=model.config.vocab_size)  # as the full pass's
         return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def bounded_logits(model, window: int, segment: int, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    """Logits `(B, L, V)` of a DFN reading `input_ids` `(B, L)` or `inputs_embeds` `(B, L, E)` through a
+    `DFNCache(window=window)` in calls of `segment` bytes, with gradients through the field memory across calls."""
+    from dfn import DFNCache
+
+    name, x = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+    cache = DFNCache(model.config, window=window, memory_grad=True)
+    calls = [
+        model(**{name: x[:, i : i + segment]}, cache=cache, use_cache=True).logits
+        for i in range(0, x.shape[1], segment)
+    ]
+    return torch.cat(calls, dim=1)
+
+
+def training_read(model, args) -> dict:
+    """How training reads a model: `{"window", "segment"}` of a bounded cache (`--train-window`, DFN only), or {}
+    (full passes)."""
+    if args.train_window and is_dfn(model):
+        return {"window": args.train_window, "segment": args.train_segment}
+    return {}
 
 
 def train_model(model, name: str, args, filler: Filler) -> dict:
@@ -344,9 +356,7 @@ def train_model(model, name: str, args, filler: Filler) -> dict:
     lengths = train_lengths(args)
     stream = TaskStream(filler, lengths, args.batch_size, args, seed=args.seed)
     out_dir = str(Path(args.out_dir) / "runs" / name)
-    bounded = {}
-    if args.train_window and is_dfn(model):
-        bounded = {"window": args.train_window, "segment": args.train_segment}
+    bounded = training_read(model, args)
     run = train_lib.train_on_stream(
         model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=False,
         trainer_class=BoundedStreamTrainer if bounded else None, trainer_kwargs=bounded,
@@ -475,7 +485,9 @@ def summarise(exact: list[bool], digit: list[float]) -> dict:
 # Diagnosis: does the needle reach the query, directly or through the memory?
 
 
-def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float = 0.25, count: int = 4) -> dict:
+def gradient_reach(
+    model, filler: Filler, length: int, seed: int, depth: float = 0.25, count: int = 4, bounded: dict | None = None
+) -> dict:
     """How much the answer can learn from the key: over `count` passkey examples of `length` bytes, the gradient of
     the first answer digit's log-probability with respect to the input embeddings (full pass, no cache, dropout
     off). Its mean norm at the key's digits (`key`), at the 16 bytes before the byte that predicts the answer
@@ -483,7 +495,9 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
     before the needle (`filler`), and by how far back a byte lies from that byte (`by_distance`: ranges 1, 2-3,
     4-7, ...). Any model: DFN or Llama. A model whose `key_over_local` is tiny at initialisation gets almost no
     training signal toward retrieval and stays on the plateau of guessing digits (a larger one does not ensure that
-    training leaves it: seeds of equal reach differ)."""
+    training leaves it: seeds of equal reach differ). `bounded` (`window`, `segment`): read the way
+    `BoundedStreamTrainer` trains, so a key beyond `window + segment` bytes reaches the answer through the memory
+    only."""
     was_training = model.training
     model.eval()
     embed = model.get_input_embeddings()
@@ -494,7 +508,10 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
             ids = torch.from_numpy(ex["input_ids"]).unsqueeze(0)
             inputs = embed(ids).detach().requires_grad_(True)
             query = int(ex["answers"][0][0]) - 1  # the byte whose logits predict the first digit
-            logits = model(inputs_embeds=inputs, use_cache=False).logits[0, query]
+            if bounded:
+                logits = bounded_logits(model, bounded["window"], bounded["segment"], inputs_embeds=inputs)[0, query]
+            else:
+                logits = model(inputs_embeds=inputs, use_cache=False).logits[0, query]
             (grad,) = torch.autograd.grad(torch.log_softmax(logits.float(), -1)[ids[0, query + 1]], inputs)
             norms = grad[0].norm(dim=-1)
             key = ex["needle_start"] + NEEDLE.index("{key}")
@@ -508,6 +525,7 @@ def gradient_reach(model, filler: Filler, length: int, seed: int, depth: float =
     key, local, before = (float(x) for x in sums / count)
     return {
         "length": length,
+        "bounded": bounded or None,
         "key": key,
         "local": local,
         "filler": before,
@@ -907,7 +925,9 @@ def main(argv=None) -> dict:
             print(f"\n== {name}: reusing the model trained in {saved}", flush=True)
         else:
             model = start_model(name, args)
-            reach_at_init = gradient_reach(model, eval_filler, max(train_lengths(args)), args.seed)
+            reach_at_init = gradient_reach(
+                model, eval_filler, max(train_lengths(args)), args.seed, bounded=training_read(model, args)
+            )
             print(
                 f"\n== {name}: {num_params(model):,} parameters; training {args.steps} steps on lengths "
                 f"{train_lengths(args)}",
@@ -924,7 +944,9 @@ def main(argv=None) -> dict:
             if not args.no_save:
                 model.save_pretrained(saved)
                 (saved / "train.json").write_text(json.dumps(train))
-        reach = gradient_reach(model, eval_filler, max(train_lengths(args)), args.seed)
+        reach = gradient_reach(
+            model, eval_filler, max(train_lengths(args)), args.seed, bounded=training_read(model, args)
+        )
         report["models"][name] = {"params": num_params(model), "train": train, "gradient_reach": reach}
         if not args.diagnose_only:
             report["models"][name]["eval"] = evaluate(model, name, args, eval_filler)

@@ -168,6 +168,22 @@ def test_gradient_reach_sees_only_paths_that_exist(fillers):
     assert reach["llama"]["key_over_local"] > 100 * reach["dfn"]["key_over_local"]
 
 
+def test_bounded_gradient_reach_goes_through_the_memory(fillers):
+    """Read as `--train-window` trains, a key beyond the cache's reach gets gradient only through the field memory:
+    exactly none without it, and more when the slots start with more kernel mass (`memory_init_log_mass`)."""
+    args = Namespace(
+        hidden_size=32, layers=2, heads=2, pos_dim=2, num_neighbors=4, memory_slots=3, memory_chunk_size=16,
+        seed=0, lengths=[256], train_length=256,
+    )  # fmt: skip
+    bounded = {"window": 16, "segment": 16}  # the key, > 32 bytes before the question, is in no call's cache
+    reach = {}
+    for kind, mass in (("dfn-nomem", -5), ("dfn", -5), ("dfn", 0)):
+        model = lc.build_model(kind, Namespace(**vars(args), model=[f"memory_init_log_mass={mass}"]))
+        reach[kind, mass] = lc.gradient_reach(model, fillers[1], 200, seed=0, count=2, depth=0.0, bounded=bounded)
+    assert reach["dfn-nomem", -5]["key"] == 0 and reach["dfn-nomem", -5]["local"] > 0
+    assert 0 < reach["dfn", -5]["key_over_local"] < reach["dfn", 0]["key_over_local"] / 10
+
+
 @pytest.mark.parametrize("depth", [0.0, 1.0])
 def test_diagnose_any_depth(fillers, depth):
     """The diagnosis holds at every depth: a needle in the query's own chunk (depth 1) is not yet in the memory, so
@@ -290,8 +306,8 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
     rerun = json.loads((tmp_path / "long_context_reuse_256-512.json").read_text())
     assert set(rerun["models"]["dfn"]["eval"]["passkey"]) == {"256", "512"}
     assert (tmp_path / "heatmap_dfn_reuse_256-512.png").is_file()
-    # --init-from: the curriculum run starts from the saved weights (its gradient reach before training is the first
-    # run's after it) and records where it started
+    # --init-from: the curriculum run starts from the saved weights (its gradient reach before training, read through
+    # its bounded cache, is the saved model's) and records where it started
     then = tmp_path / "longer"
     proc = subprocess.run(
         [
@@ -306,9 +322,14 @@ def test_quick_run_dense_training_sparse_reading(tmp_path):
     assert train["steps"] == 2 and train["init_from"]["folder"] == str(tmp_path / "models" / "dfn")
     assert train["init_from"]["train"]["train_neighbors"] == 64 and train["init_from"]["train"]["bounded"] is None
     assert train["bounded"] == {"window": 64, "segment": 32}
-    before, after_first = train["gradient_reach_at_init"], report["models"]["dfn"]["gradient_reach"]
-    assert before["key"] == pytest.approx(after_first["key"], rel=1e-5)
-    assert before["local"] == pytest.approx(after_first["local"], rel=1e-5)
+    saved = lc.load_model("dfn", tmp_path / "models" / "dfn")
+    saved.config.num_neighbors = train["train_neighbors"]
+    bounded = {"window": 64, "segment": 32}
+    expected = lc.gradient_reach(saved, lc.Filler.split()[1], 256, seed=0, bounded=bounded)
+    before = train["gradient_reach_at_init"]
+    assert before["bounded"] == bounded and report["models"]["dfn"]["gradient_reach"]["bounded"] is None
+    assert before["key"] == pytest.approx(expected["key"], rel=1e-5) and before["key"] > 0
+    assert before["local"] == pytest.approx(expected["local"], rel=1e-5)
     proc = subprocess.run(
         [sys.executable, "scripts/long_context.py", "--quick", "--models", "dfn", "--init-from", str(then / "none"),
          "--out-dir", str(tmp_path / "never")],
