@@ -535,6 +535,31 @@ def gradient_reach(
 
 
 @torch.no_grad()
+def needle_swap(model, args, filler: Filler, length: int) -> dict:
+    """Does the answer come from the needle? Per depth, the per-digit accuracy of the passkey cells at `length` (read
+    as `evaluate` reads them), and again with the needle's key replaced by other digits (each digit changed) while
+    the answer is scored against the original key: what the model gets right without the needle. Any model."""
+    out = {}
+    for index, depth in enumerate(args.depths):
+        examples = eval_examples("passkey", length, index, depth, filler, args)
+        rng = np.random.default_rng([args.seed + 4000, length, index])
+        hits = {"digit": [], "digit_needle_swapped": []}
+        for start in range(0, len(examples), args.eval_batch):
+            batch = examples[start : start + args.eval_batch]
+            ids = torch.from_numpy(np.stack([ex["input_ids"] for ex in batch]))
+            swapped = ids.clone()
+            for row, ex in enumerate(batch):
+                at = ex["needle_start"] + NEEDLE.index("{key}")
+                shift = torch.from_numpy(rng.integers(1, 10, KEY_DIGITS))
+                swapped[row, at : at + KEY_DIGITS] = (ids[row, at : at + KEY_DIGITS] - ord("0") + shift) % 10 + ord("0")
+            answers = [ex["answers"] for ex in batch]
+            for key, source in (("digit", ids), ("digit_needle_swapped", swapped)):
+                hits[key] += [float(a.mean()) for row in score_batch(model, source, answers, args) for a in row]
+        out[str(depth)] = {key: float(np.mean(values)) for key, values in hits.items()}
+    return {"length": length, "by_depth": out}
+
+
+@torch.no_grad()
 def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count: int = 2) -> dict:
     """For DFN models: at the position that predicts the first key digit, per layer and head,
 
@@ -708,6 +733,18 @@ def print_reach(report: dict) -> None:
     print(f"{'model':<12}{'when':<9}" + "".join(f"{d:>10}" for d in rows[0][2]["by_distance"]))
     for name, when, reach in rows:
         print(f"{name:<12}{when:<9}" + "".join(f"{v:>10.1e}" for v in reach["by_distance"].values()))
+
+
+def print_needle_swap(report: dict) -> None:
+    if not report["needle_swap"]:
+        return
+    print("\nNeedle swap: passkey per-digit accuracy, and with the needle's key changed (scored against the original:")
+    print("what is right without the needle; chance 0.1)")
+    for name, swap in report["needle_swap"].items():
+        cells = "  ".join(
+            f"depth {d}: {r['digit']:.2f} -> {r['digit_needle_swapped']:.2f}" for d, r in swap["by_depth"].items()
+        )
+        print(f"{name:<12}length {swap['length']}: {cells}")
 
 
 def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
@@ -915,7 +952,12 @@ def main(argv=None) -> dict:
     print("machine: " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     print(f"command: {' '.join(sys.argv)}", flush=True)
     train_filler, eval_filler = Filler.split(DATA)
-    report = {"meta": {**info, "args": {k: v for k, v in vars(args).items()}}, "models": {}, "diagnosis": {}}
+    report = {
+        "meta": {**info, "args": {k: v for k, v in vars(args).items()}},
+        "models": {},
+        "needle_swap": {},
+        "diagnosis": {},
+    }
     wall = time.perf_counter()
     for name in args.models:
         saved = out_dir / "models" / name
@@ -950,6 +992,8 @@ def main(argv=None) -> dict:
         report["models"][name] = {"params": num_params(model), "train": train, "gradient_reach": reach}
         if not args.diagnose_only:
             report["models"][name]["eval"] = evaluate(model, name, args, eval_filler)
+        if "passkey" in args.tasks and not args.no_diagnose:
+            report["needle_swap"][name] = needle_swap(model, args, eval_filler, diagnose_length(args))
         if is_dfn(model) and not args.no_diagnose:
             length = diagnose_length(args)
             try:
@@ -963,6 +1007,7 @@ def main(argv=None) -> dict:
     if not args.diagnose_only:
         print_tables(report, args)
     print_reach(report)
+    print_needle_swap(report)
     if report["diagnosis"]:
         print("\nDiagnosis at the query (mean over heads; uniform share = needle bytes / length):")
         for name, diag in report["diagnosis"].items():

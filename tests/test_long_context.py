@@ -168,6 +168,28 @@ def test_gradient_reach_sees_only_paths_that_exist(fillers):
     assert reach["llama"]["key_over_local"] > 100 * reach["dfn"]["key_over_local"]
 
 
+def test_needle_swap_changes_every_key_digit(fillers, monkeypatch):
+    """The swap check scores against the original key with every digit of the needle's key changed: a reader that
+    copies the needle gets every digit right, then none; one that ignores the needle keeps its score."""
+    def copies_the_needle(model, ids, answers, args):
+        rows = []
+        for b, row in enumerate(answers):
+            text = bytes(ids[b].tolist()[: row[0][0]])
+            key = text.index(b"pass key is ") + len("pass key is ")
+            rows.append([(ids[b, key : key + lc.KEY_DIGITS] == ids[b, ans]).numpy() for ans in row])
+        return rows
+
+    def ignores_it(model, ids, answers, args):
+        return [[np.ones(len(ans), bool) for ans in row] for row in answers]
+
+    args = Namespace(depths=[0.0, 0.5, 1.0], eval_examples=3, eval_batch=2, seed=0, tasks=["passkey"])
+    monkeypatch.setattr(lc, "score_batch", copies_the_needle)
+    swap = lc.needle_swap(None, args, fillers[1], 300)
+    assert swap["by_depth"] == {str(d): {"digit": 1.0, "digit_needle_swapped": 0.0} for d in args.depths}
+    monkeypatch.setattr(lc, "score_batch", ignores_it)
+    assert lc.needle_swap(None, args, fillers[1], 300)["by_depth"]["0.5"] == {"digit": 1.0, "digit_needle_swapped": 1.0}
+
+
 def test_bounded_gradient_reach_goes_through_the_memory(fillers):
     """Read as `--train-window` trains, a key beyond the cache's reach gets gradient only through the field memory:
     exactly none without it, and more when the slots start with more kernel mass (`memory_init_log_mass`)."""
@@ -263,6 +285,10 @@ def test_quick_run(tmp_path):
                 assert "skipped" in cell or (0 <= cell["acc"] <= 1 and 0 <= cell["digit_acc"] <= 1 and cell["n"] > 0)
         assert res["eval"]["passkey"]["256"]["all"]["n"] == 6  # 3 depths x 2 examples
         assert res["eval"]["mqar"]["256"]["all"]["n"] == 12  # 3 runs x 2 examples x 2 queries
+    for swap in report["needle_swap"].values():  # every model, at the diagnosis length
+        assert swap["length"] == 512 and set(swap["by_depth"]) == {"0.0", "0.5", "1.0"}
+        assert all(0 <= v <= 1 for cell in swap["by_depth"].values() for v in cell.values())
+    assert set(report["needle_swap"]) == set(report["models"])
     diag = report["diagnosis"]["dfn"]
     assert diag["length"] == 512 and len(diag["per_layer"]) == 2
     expected = {"needle_knn", "mem_frac", "needle_mem", "needle_total", "key_gate", "retention"}
