@@ -171,6 +171,7 @@ def test_gradient_reach_sees_only_paths_that_exist(fillers):
 def test_needle_swap_changes_every_key_digit(fillers, monkeypatch):
     """The swap check scores against the original key with every digit of the needle's key changed: a reader that
     copies the needle gets every digit right, then none; one that ignores the needle keeps its score."""
+
     def copies_the_needle(model, ids, answers, args):
         rows = []
         for b, row in enumerate(answers):
