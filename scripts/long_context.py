@@ -489,15 +489,15 @@ def gradient_reach(
     model, filler: Filler, length: int, seed: int, depth: float = 0.25, count: int = 4, bounded: dict | None = None
 ) -> dict:
     """How much the answer can learn from the key: over `count` passkey examples of `length` bytes, the gradient of
-    the first answer digit's log-probability with respect to the input embeddings (full pass, no cache, dropout
-    off). Its mean norm at the key's digits (`key`), at the 16 bytes before the byte that predicts the answer
-    (`local`; that byte itself reaches the answer through the residual stream, not through a read) and at the filler
-    before the needle (`filler`), and by how far back a byte lies from that byte (`by_distance`: ranges 1, 2-3,
-    4-7, ...). Any model: DFN or Llama. A model whose `key_over_local` is tiny at initialisation gets almost no
-    training signal toward retrieval and stays on the plateau of guessing digits (a larger one does not ensure that
-    training leaves it: seeds of equal reach differ). `bounded` (`window`, `segment`): read the way
-    `BoundedStreamTrainer` trains, so a key beyond `window + segment` bytes reaches the answer through the memory
-    only."""
+    the first answer digit's log-probability with respect to the input embeddings (a full pass without cache unless
+    `bounded`, below; dropout off). Its mean norm at the key's digits (`key`), at the 16 bytes before the byte that
+    predicts the answer (`local`; that byte itself reaches the answer through the residual stream, not through a
+    read) and at the filler before the needle (`filler`), and by how far back a byte lies from that byte
+    (`by_distance`: ranges 1, 2-3, 4-7, ...). Any model: DFN or Llama. A model whose `key_over_local` is tiny at
+    initialisation gets almost no training signal toward retrieval and stays on the plateau of guessing digits (a
+    larger one does not ensure that training leaves it: seeds of equal reach differ). `bounded` (`window`,
+    `segment`): read the way `BoundedStreamTrainer` trains, so a key beyond `window + segment` bytes reaches the
+    answer through the memory only."""
     was_training = model.training
     model.eval()
     embed = model.get_input_embeddings()
@@ -535,15 +535,17 @@ def gradient_reach(
 
 
 @torch.no_grad()
-def needle_swap(model, args, filler: Filler, length: int) -> dict:
+def needle_swap(model, args, filler: Filler, length: int, measured: dict | None = None) -> dict:
     """Does the answer come from the needle? Per depth, the per-digit accuracy of the passkey cells at `length` (read
     as `evaluate` reads them), and again with the needle's key replaced by other digits (each digit changed) while
-    the answer is scored against the original key: what the model gets right without the needle. Any model."""
+    the answer is scored against the original key: what the model gets right without the needle. Any model.
+    `measured`: `evaluate`'s passkey cells at `length`, whose `digit_acc` is taken instead of scoring them again."""
     out = {}
     for index, depth in enumerate(args.depths):
         examples = eval_examples("passkey", length, index, depth, filler, args)
         rng = np.random.default_rng([args.seed + 4000, length, index])
-        hits = {"digit": [], "digit_needle_swapped": []}
+        known = ((measured or {}).get(str(depth)) or {}).get("digit_acc")
+        hits = {"digit_needle_swapped": []} if known is not None else {"digit": [], "digit_needle_swapped": []}
         for start in range(0, len(examples), args.eval_batch):
             batch = examples[start : start + args.eval_batch]
             ids = torch.from_numpy(np.stack([ex["input_ids"] for ex in batch]))
@@ -554,8 +556,9 @@ def needle_swap(model, args, filler: Filler, length: int) -> dict:
                 swapped[row, at : at + KEY_DIGITS] = (ids[row, at : at + KEY_DIGITS] - ord("0") + shift) % 10 + ord("0")
             answers = [ex["answers"] for ex in batch]
             for key, source in (("digit", ids), ("digit_needle_swapped", swapped)):
-                hits[key] += [float(a.mean()) for row in score_batch(model, source, answers, args) for a in row]
-        out[str(depth)] = {key: float(np.mean(values)) for key, values in hits.items()}
+                if key in hits:
+                    hits[key] += [float(a.mean()) for row in score_batch(model, source, answers, args) for a in row]
+        out[str(depth)] = {"digit": known, **{key: float(np.mean(values)) for key, values in hits.items()}}
     return {"length": length, "by_depth": out}
 
 
@@ -993,7 +996,9 @@ def main(argv=None) -> dict:
         if not args.diagnose_only:
             report["models"][name]["eval"] = evaluate(model, name, args, eval_filler)
         if "passkey" in args.tasks and not args.no_diagnose:
-            report["needle_swap"][name] = needle_swap(model, args, eval_filler, diagnose_length(args))
+            length = diagnose_length(args)
+            measured = report["models"][name].get("eval", {}).get("passkey", {}).get(str(length))
+            report["needle_swap"][name] = needle_swap(model, args, eval_filler, length, measured)
         if is_dfn(model) and not args.no_diagnose:
             length = diagnose_length(args)
             try:

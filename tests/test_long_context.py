@@ -189,6 +189,10 @@ def test_needle_swap_changes_every_key_digit(fillers, monkeypatch):
     assert swap["by_depth"] == {str(d): {"digit": 1.0, "digit_needle_swapped": 0.0} for d in args.depths}
     monkeypatch.setattr(lc, "score_batch", ignores_it)
     assert lc.needle_swap(None, args, fillers[1], 300)["by_depth"]["0.5"] == {"digit": 1.0, "digit_needle_swapped": 1.0}
+    # an accuracy `evaluate` measured is taken as it is, not scored again; a skipped cell is scored
+    measured = {"0.0": {"digit_acc": 0.25}, "0.5": {"skipped": "over the cap"}}
+    by_depth = lc.needle_swap(None, args, fillers[1], 300, measured)["by_depth"]
+    assert by_depth["0.0"]["digit"] == 0.25 and by_depth["0.5"]["digit"] == 1.0
 
 
 def test_bounded_gradient_reach_goes_through_the_memory(fillers):
@@ -286,9 +290,11 @@ def test_quick_run(tmp_path):
                 assert "skipped" in cell or (0 <= cell["acc"] <= 1 and 0 <= cell["digit_acc"] <= 1 and cell["n"] > 0)
         assert res["eval"]["passkey"]["256"]["all"]["n"] == 6  # 3 depths x 2 examples
         assert res["eval"]["mqar"]["256"]["all"]["n"] == 12  # 3 runs x 2 examples x 2 queries
-    for swap in report["needle_swap"].values():  # every model, at the diagnosis length
+    for name, swap in report["needle_swap"].items():  # every model, at the diagnosis length
         assert swap["length"] == 512 and set(swap["by_depth"]) == {"0.0", "0.5", "1.0"}
         assert all(0 <= v <= 1 for cell in swap["by_depth"].values() for v in cell.values())
+        cells = report["models"][name]["eval"]["passkey"]["512"]  # the unswapped accuracy is the evaluation's
+        assert all(swap["by_depth"][d]["digit"] == cells[d]["digit_acc"] for d in swap["by_depth"])
     assert set(report["needle_swap"]) == set(report["models"])
     diag = report["diagnosis"]["dfn"]
     assert diag["length"] == 512 and len(diag["per_layer"]) == 2
