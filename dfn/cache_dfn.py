@@ -22,6 +22,7 @@ def cache_signature(config) -> dict:
         "use_memory": config.use_memory,
         "memory_slots": config.memory_slots,
         "memory_chunk_size": config.memory_chunk_size,
+        "memory_write": config.memory_write,
     }
 
 

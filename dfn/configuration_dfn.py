@@ -14,6 +14,7 @@ LAYER_VARIANTS = ("residual", "seed")
 NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
 MIX_KERNELS = ("torch", "triton")
 MLP_TYPES = ("swiglu", "gelu")
+MEMORY_WRITES = ("gated", "mean")
 # written into every saved config so that the Auto classes find the remote code of a checkpoint folder
 AUTO_MAP = {
     "AutoConfig": "configuration_dfn.DFNConfig",
@@ -53,6 +54,13 @@ class DFNConfig(PreTrainedConfig):
             relative to one neighbour at distance 0 with influence weight 1 (each slot's log weight starts at this
             minus log M). The default starts the memory almost silent, which language modelling prefers early on; a
             larger value gives a read through the memory alone more gradient at initialisation (see the README).
+        memory_write (`str`, defaults to "gated"): how a chunk updates a slot (see `memory_dfn.py`): "gated" moves it
+            by `1 - exp(-S)` of the chunk's write mass S; "mean" keeps the mass-weighted mean of all it absorbed
+            (gate `S / D`, D the slot's total mass so far), so what a slot holds depends on relative, not absolute,
+            write masses.
+        memory_prior_log_mass (`float`, defaults to -5.0): "mean" write only: log of the mass D_0 each slot starts
+            with (learned), i.e. how much the slot's initial value weighs against what is written. At -5 the first
+            chunks of a fresh model (write mass about 0.01) take most of a slot.
         mlp_ratio (`float`, defaults to 4.0): MLP size: the "gelu" MLP's hidden width as a multiple of `hidden_size`;
             the "swiglu" MLP has about the same number of weights (hidden width `0.6 * mlp_ratio * hidden_size`,
             rounded to a multiple of 32).
@@ -95,6 +103,8 @@ class DFNConfig(PreTrainedConfig):
         memory_slots: int = 16,
         memory_chunk_size: int = 64,
         memory_init_log_mass: float = -5.0,
+        memory_write: str = "gated",
+        memory_prior_log_mass: float = -5.0,
         mlp_ratio: float = 4.0,
         mlp_type: str = "swiglu",
         dropout: float = 0.0,
@@ -127,6 +137,8 @@ class DFNConfig(PreTrainedConfig):
         self.memory_slots = memory_slots
         self.memory_chunk_size = memory_chunk_size
         self.memory_init_log_mass = memory_init_log_mass
+        self.memory_write = memory_write
+        self.memory_prior_log_mass = memory_prior_log_mass
         self.mlp_ratio = mlp_ratio
         self.mlp_type = mlp_type
         self.dropout = dropout
@@ -226,9 +238,12 @@ class DFNConfig(PreTrainedConfig):
             or not (0 <= self.flow_alpha_init <= 10)
         ):
             raise ValueError(f"DFNConfig.flow_alpha_init must be a number in [0, 10], got {self.flow_alpha_init!r}")
-        value = self.memory_init_log_mass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -30 <= value <= 10:
-            raise ValueError(f"DFNConfig.memory_init_log_mass must be a number in [-30, 10], got {value!r}")
+        for name in ("memory_init_log_mass", "memory_prior_log_mass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -30 <= value <= 10:
+                raise ValueError(f"DFNConfig.{name} must be a number in [-30, 10], got {value!r}")
+        if self.memory_write not in MEMORY_WRITES:
+            raise ValueError(f"DFNConfig.memory_write must be one of {MEMORY_WRITES}, got {self.memory_write!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm", "use_cache", "tie_word_embeddings"):

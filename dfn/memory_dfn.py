@@ -12,20 +12,27 @@ slot m the write score `z_jm = log w_j + log β_m - |p_j - A_m|^2 / 2σ^2 <= 0` 
 completes, with `S_m = Σ_j exp(z_jm)` its absolute write mass,
     g_m = 1 - exp(-S_m),     X_m <- (1 - g_m) X_m + g_m Σ_j exp(z_jm) x_j / S_m     for X = P and V.
 A chunk that offers a slot nothing (S ≈ 0) leaves it as it is, so content survives any number of later chunks until
-something the slot attends to arrives; a chunk with one strong entity (z ≈ 0) overwrites 63 % of it. Scores do not
-depend on the memory state, so the update is a linear recurrence `X_c = a_c X_{c-1} + b_c` over chunks, solved for
-a whole segment at once by a parallel (doubling) scan.
+something the slot attends to arrives; a chunk with one strong entity (z ≈ 0) overwrites 63 % of it. That is the
+"gated" write. The "mean" write (`DFNConfig.memory_write`) makes the gate relative instead: each slot also keeps the
+mass `D_m` it has absorbed (starting from a learned prior mass `D_0`), and a chunk commits
+    D_m <- D_m + S_m,     X_m <- (1 - g_m) X_m + g_m Σ_j exp(z_jm) x_j / S_m     with g_m = S_m / D_m (the new D),
+so the slot holds the mass-weighted mean of everything it absorbed: a key written with 100 times the mass of each
+filler chunk still holds a third of its slot after 200 filler chunks, where the gated write needs the key's mass
+itself near 1 to hold any. Scores do not depend on the memory state, and `D` is a cumulative sum, so either update is
+a linear recurrence `X_c = a_c X_{c-1} + b_c` over chunks, solved for a whole segment at once by a parallel
+(doubling) scan.
 
 Read. Entities of chunk c read the slots as they stood after chunk c-1, with kernel logits
 `log u_m - |p_i - P_m|^2 / 2σ^2` (flow coordinates); the caller merges them with the K nearest entities' logits.
 
 While a chunk is incomplete its sums are kept in accumulators (`acc_sum` = Σ_j exp(z_jm), `acc_pos`, `acc_val`), so
-the memory does not depend on how a document was split into calls: cached decoding gives the full pass's memory.
+the memory does not depend on how a document was split into calls: cached decoding gives the full pass's memory. The
+"mean" write's state also has `mass` (D).
 """
 
 import torch
 
-STATE_KEYS = ("pos", "val", "acc_sum", "acc_pos", "acc_val")
+STATE_KEYS = ("pos", "val", "acc_sum", "acc_pos", "acc_val")  # plus "mass" for the "mean" write
 # entities per parallel scan: bounds its (B, N, H, M) and (B, N, H, k + D) temporaries on very long inputs
 SCAN_BLOCK = 16384
 
@@ -42,17 +49,23 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def initial_memory_state(slot_pos: torch.Tensor, slot_val: torch.Tensor, batch_size: int) -> dict:
-    """Fresh memory for `batch_size` rows from the learned slot homes `(H, M, k - 1)` and values `(H, M, D)`."""
+def initial_memory_state(
+    slot_pos: torch.Tensor, slot_val: torch.Tensor, batch_size: int, prior_log_mass: torch.Tensor | None = None
+) -> dict:
+    """Fresh memory for `batch_size` rows from the learned slot homes `(H, M, k - 1)` and values `(H, M, D)`; for the
+    "mean" write, `prior_log_mass (H, M)` is log D_0, the mass the slots start with."""
     heads, slots, _ = slot_pos.shape
     features = slot_pos.shape[-1] + slot_val.shape[-1]
-    return {
+    state = {
         "pos": slot_pos.unsqueeze(0).expand(batch_size, -1, -1, -1),
         "val": slot_val.unsqueeze(0).expand(batch_size, -1, -1, -1),
         "acc_sum": slot_pos.new_zeros(batch_size, heads, slots),
         "acc_pos": slot_pos.new_zeros(batch_size, heads, slots, slot_pos.shape[-1]),
         "acc_val": slot_val.new_zeros(batch_size, heads, slots, features - slot_pos.shape[-1]),
     }
+    if prior_log_mass is not None:
+        state["mass"] = torch.exp(prior_log_mass).unsqueeze(0).expand(batch_size, -1, -1)
+    return state
 
 
 def write_scores(pos: torch.Tensor, log_weight: torch.Tensor, params: dict) -> torch.Tensor:
@@ -70,9 +83,13 @@ def memory_read(query_pos: torch.Tensor, slot_pos: torch.Tensor, slot_val: torch
     return out, torch.logsumexp(logits, dim=-1)
 
 
-def commit_coefficients(mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a chunk of write mass `S`: the decay `a = exp(-S)` and the factor `r = (1 - exp(-S)) / S` that turns the
-    chunk's score-weighted sums into `g * mean` (r -> 1 as S -> 0, computed without dividing by 0)."""
+def commit_coefficients(mass: torch.Tensor, before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a chunk of write mass `S`: the decay `a` and the factor `r` that turns the chunk's score-weighted sums into
+    `g * mean`. Gated write (`before` None): `a = exp(-S)`, `r = (1 - exp(-S)) / S` (r -> 1 as S -> 0, computed
+    without dividing by 0). Mean write, the slot having absorbed `before` = D: `a = D / (D + S)`, `r = 1 / (D + S)`."""
+    if before is not None:
+        after = before + mass
+        return before / after, after.reciprocal()
     safe = mass.clamp_min(1e-4)
     ratio = torch.where(mass > 1e-4, -torch.expm1(-safe) / safe, 1.0 - 0.5 * mass)
     return torch.exp(-mass), ratio
@@ -94,22 +111,17 @@ def memory_step(state: dict, pos, val, log_weight, valid, completes, params: dic
     # most decoding steps complete no chunk; a compiled graph always takes the commit path (same result, no sync)
     if not torch.compiler.is_compiling() and not bool(completes.any()):
         return out, lse, dict(state, acc_sum=acc_sum, acc_pos=acc_pos, acc_val=acc_val)
-    decay, ratio = commit_coefficients(acc_sum)
+    decay, ratio = commit_coefficients(acc_sum, state.get("mass"))
     done = completes.view(-1, 1, 1)
+    new_state = {"acc_sum": acc_sum * ~done, "acc_pos": acc_pos * (~done).unsqueeze(-1)}
+    new_state["acc_val"] = acc_val * (~done).unsqueeze(-1)
+    if "mass" in state:
+        new_state["mass"] = state["mass"] + acc_sum * done
     decay = torch.where(done, decay, 1.0).unsqueeze(-1)
     ratio = (ratio * done).unsqueeze(-1)
-    keep = (~done).unsqueeze(-1)
-    return (
-        out,
-        lse,
-        {
-            "pos": decay * state["pos"] + ratio * acc_pos,
-            "val": decay * state["val"] + ratio * acc_val,
-            "acc_sum": acc_sum * ~done,
-            "acc_pos": acc_pos * keep,
-            "acc_val": acc_val * keep,
-        },
-    )
+    new_state["pos"] = decay * state["pos"] + ratio * acc_pos
+    new_state["val"] = decay * state["val"] + ratio * acc_val
+    return out, lse, new_state
 
 
 def linear_scan(decay: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +218,8 @@ def memory_scan(
 
     complete = laid_valid[:, :, -1]  # (B, n): the chunk's last entity is in this call, so it commits here
     start = torch.cat([state["pos"], state["val"]], dim=-1).unsqueeze(1)  # (B, 1, H, M, F)
-    after = _commit_chunks(start, mass, sums, complete)  # (B, n, H, M, F): the memory after each chunk
+    before_mass = _mass_before_chunks(state["mass"], mass, complete) if "mass" in state else None
+    after = _commit_chunks(start, mass, sums, complete, before_mass)  # (B, n, H, M, F): the memory after each chunk
 
     # a row whose last chunk is incomplete carries its sums to the next call; a row with no entity keeps its own
     carry = (has_any & ~complete[rows, last]).view(-1, 1, 1)
@@ -215,6 +228,8 @@ def memory_scan(
     new_state = dict(zip(("pos", "val"), split_features(after[:, -1], pos_features), strict=True))
     new_state["acc_sum"] = torch.where(carry, mass[rows, last], torch.where(keep, state["acc_sum"], 0.0))
     new_state["acc_pos"], new_state["acc_val"] = split_features(new_pending, pos_features)
+    if before_mass is not None:
+        new_state["mass"] = before_mass[:, -1] + mass[:, -1] * complete[:, -1].view(-1, 1, 1)
     if not read:
         return None, None, new_state
 
@@ -254,10 +269,18 @@ def _chunk_sums(pos, val, log_weight, valid, params: dict) -> tuple[torch.Tensor
     return weight.sum(2), sums
 
 
-def _commit_chunks(start, mass, sums, complete) -> torch.Tensor:
+def _mass_before_chunks(start_mass, mass, complete) -> torch.Tensor:
+    """The mean write's absorbed mass D `(B, n, H, M)` before each chunk, from `start_mass (B, H, M)` and the chunk
+    masses `(B, n, H, M)`; only complete chunks add theirs."""
+    added = (mass * complete.view(*complete.shape, 1, 1)).cumsum(1)
+    return start_mass.unsqueeze(1) + torch.cat([torch.zeros_like(added[:, :1]), added[:, :-1]], dim=1)
+
+
+def _commit_chunks(start, mass, sums, complete, before_mass=None) -> torch.Tensor:
     """The memory `(B, n, H, M, F)` after each chunk, from `start (B, 1, H, M, F)`: complete chunks commit
-    `X <- exp(-S) X + r(S) sums`, the others leave it as it is."""
-    decay, ratio = commit_coefficients(mass)
+    `X <- a X + r sums` (`commit_coefficients`; `before_mass` is D before each chunk for the mean write), the others
+    leave it as it is."""
+    decay, ratio = commit_coefficients(mass, before_mass)
     done = complete.view(*complete.shape, 1, 1)
     cum_decay, cum_input = linear_scan(torch.where(done, decay, 1.0), (ratio * done).unsqueeze(-1) * sums)
     return cum_decay.unsqueeze(-1) * start + cum_input

@@ -371,6 +371,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.memory_val = nn.Parameter(torch.zeros(heads, slots, head_dim))
             self.memory_log_weight = nn.Parameter(torch.zeros(heads, slots))
             self.memory_write_scale = nn.Parameter(torch.zeros(heads, slots))
+            if config.memory_write == "mean":
+                self.memory_prior_log_mass = nn.Parameter(torch.zeros(heads, slots))
             if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
                 self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
                 self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
@@ -585,6 +587,10 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             else self.memory_log_weight.new_zeros(self.num_heads, dtype=torch.float32),
         }
 
+    def _prior_log_mass(self) -> torch.Tensor | None:
+        """`(H, M)` log D_0 of the "mean" write (None for the gated write)."""
+        return self.memory_prior_log_mass.float() if self.config.memory_write == "mean" else None
+
     def _memory_home(self) -> torch.Tensor:
         """`(H, M, k-1)` learned slot homes (an empty coordinate axis when pos_dim is 1)."""
         if self.pos_dim > 1:
@@ -596,7 +602,8 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         if cache_layer is not None and cache_layer.memory is not None and not cache_layer.memory_stale:
             return cache_layer.memory
         params = self._memory_params()
-        fresh = initial_memory_state(params["home"], self.memory_val.float(), past_mask.shape[0])
+        prior = self._prior_log_mass()
+        fresh = initial_memory_state(params["home"], self.memory_val.float(), past_mask.shape[0], prior)
         if cache_layer is None or not bool(past_mask.any()):
             return fresh
         length = past_mask.shape[1]
@@ -808,6 +815,8 @@ class DFNPreTrainedModel(PreTrainedModel):
                 init.constant_(module.memory_log_weight, config.memory_init_log_mass - math.log(config.memory_slots))
                 # write scale β = 1/C: a chunk of average entities moves a slot part of the way, not all of it
                 init.constant_(module.memory_write_scale, -math.log(config.memory_chunk_size))
+                if config.memory_write == "mean":
+                    init.constant_(module.memory_prior_log_mass, config.memory_prior_log_mass)
         elif isinstance(module, DFNModel):
             heads = config.num_attention_heads
             scales = torch.logspace(

@@ -573,12 +573,13 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
     * `needle_total` = (1 - mem_frac) * needle_knn + mem_frac * needle_mem, to compare with `needle_bytes / length`
       (what a uniform average over the context would give);
     * `slot_needle_share`: the needle's share of the slot that holds most of it, in the memory the query reads;
-    * `key_gate`: the gate 1 - exp(-S) with which the key's chunk writes the slot it writes most into;
-      `filler_gate`: the median gate of the later (filler) chunks on that slot; `retention`: exp(-sum S) over those
-      chunks, the share of the key's write that is still in the slot when the query reads it;
+    * `key_gate`: the gate (1 - exp(-S) for the gated write, S / D for the mean write) with which the key's chunk
+      writes the slot it writes most into; `filler_gate`: the median gate of the later (filler) chunks on that slot;
+      `retention`: the product of (1 - gate) over those chunks, the share of the key's write that is still in the
+      slot when the query reads it;
     * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler.
     """
-    from dfn.memory_dfn import initial_memory_state, memory_scan, squared_distance, write_scores
+    from dfn.memory_dfn import commit_coefficients, initial_memory_state, memory_scan, squared_distance, write_scores
     from dfn.neighbors_dfn import causal_knn
 
     cfg = model.config
@@ -628,7 +629,8 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     params = layer._memory_params()
                     flow = pos[..., 1:]
                     tracer = needle.view(1, -1, 1, 1).float().expand(1, length, heads, 1)
-                    state = initial_memory_state(params["home"], flow.new_zeros(heads, cfg.memory_slots, 1), 1)
+                    prior = layer._prior_log_mass()
+                    state = initial_memory_state(params["home"], flow.new_zeros(heads, cfg.memory_slots, 1), 1, prior)
                     prefix = (q // cfg.memory_chunk_size) * cfg.memory_chunk_size  # chunks complete before q's
                     ids_all = torch.arange(length).view(1, -1)
                     _, _, before_q = memory_scan(
@@ -641,9 +643,11 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     knn_lse = torch.logsumexp(logits, -1)
                     mem_frac = torch.sigmoid(mem_lse[0, q] - knn_lse)
                     needle_mem = read[0, q, :, 0]
-                    # write mass S (chunks, H, M) and the gate 1 - exp(-S) each complete chunk applies to each slot
+                    # write mass S (chunks, H, M) and the decay 1 - gate each complete chunk applies to each slot
                     mass = torch.exp(write_scores(flow[0, :prefix], log_w[0, :prefix], params))
                     mass = mass.view(-1, cfg.memory_chunk_size, heads, cfg.memory_slots).sum(1)
+                    before = None if prior is None else torch.exp(prior) + mass.cumsum(0) - mass
+                    decay = commit_coefficients(mass, before)[0]
                     row.update(
                         slot_needle_share=before_q["val"][0, :, :, 0].amax(-1).tolist(),
                         mem_frac=mem_frac.tolist(),
@@ -653,12 +657,12 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     key_chunk = key_start // cfg.memory_chunk_size
                     if key_chunk < len(mass):  # else the key's chunk is not yet written when q reads
                         best = mass[key_chunk].argmax(-1)  # (H,) the slot the key's chunk writes most into
-                        slot_mass = mass.gather(2, best.view(1, -1, 1).expand(mass.shape[0], -1, 1))[..., 0]
-                        later = slot_mass[key_chunk + 1 :]
+                        slot_decay = decay.gather(2, best.view(1, -1, 1).expand(decay.shape[0], -1, 1))[..., 0]
+                        later = slot_decay[key_chunk + 1 :]
                         row.update(
-                            key_gate=(-torch.expm1(-slot_mass[key_chunk])).tolist(),
-                            filler_gate=(-torch.expm1(-later)).median(0).values.tolist() if len(later) else None,
-                            retention=torch.exp(-later.sum(0)).tolist(),
+                            key_gate=(1 - slot_decay[key_chunk]).tolist(),
+                            filler_gate=(1 - later).median(0).values.tolist() if len(later) else None,
+                            retention=later.prod(0).tolist(),
                             chunks_between=len(later),
                         )
                 else:

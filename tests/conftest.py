@@ -55,14 +55,19 @@ TINY = dict(
 )
 
 # name -> overrides of TINY; together they cover pos_dim 1/2/3, memory on/off, both layer variants, flow on/off, the
-# query flow, FlowNorm off, memory chunk sizes 5-8, both MLP types (SwiGLU, the default, and GELU) and both the default
-# ("auto") and the reference neighbour search.
+# query flow, FlowNorm off, memory chunk sizes 5-8, both memory writes ("gated", the default, and "mean"), both MLP
+# types (SwiGLU, the default, and GELU) and both the default ("auto") and the reference neighbour search.
 CONFIGS = {
     "k3-mem-residual": dict(pos_dim=3, use_memory=True, layer_variant="residual", memory_chunk_size=6),
     "k1-mem-seed": dict(pos_dim=1, use_memory=True, layer_variant="seed", memory_chunk_size=5, mlp_type="gelu"),
     "k3-nomem-seed": dict(pos_dim=3, use_memory=False, layer_variant="seed", neighbor_search="reference"),
     "k2-queryflow-mem-residual": dict(
-        pos_dim=2, use_query_flow=True, use_memory=True, layer_variant="residual", memory_chunk_size=7
+        pos_dim=2,
+        use_query_flow=True,
+        use_memory=True,
+        memory_write="mean",
+        layer_variant="residual",
+        memory_chunk_size=7,
     ),
     "k1-noflow-nonorm-residual": dict(
         pos_dim=1, use_memory=True, use_flow=False, use_flownorm=False, layer_variant="residual", memory_chunk_size=8

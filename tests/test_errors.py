@@ -217,6 +217,8 @@ CONFIG_ERRORS = [
     ("memory_init_log_mass", 11.0, r"DFNConfig.memory_init_log_mass must be a number in \[-30, 10\], got 11.0"),
     ("memory_init_log_mass", float("nan"), r"DFNConfig.memory_init_log_mass must be a number"),
     ("memory_init_log_mass", True, r"DFNConfig.memory_init_log_mass must be a number"),
+    ("memory_prior_log_mass", -31.0, r"DFNConfig.memory_prior_log_mass must be a number in \[-30, 10\], got -31.0"),
+    ("memory_write", "sum", r"DFNConfig.memory_write must be one of \('gated', 'mean'\), got 'sum'"),
     ("dropout", 1.0, r"DFNConfig.dropout must be in \[0, 1\), got 1.0"),
     ("dropout", -0.1, r"DFNConfig.dropout must be in \[0, 1\)"),
     ("kernel_width_init", float("inf"), r"DFNConfig.kernel_width_init must be a finite number > 0"),
@@ -343,6 +345,7 @@ def test_invalid_config_in_saved_folder_is_rejected_at_load(tmp_path):
         (dict(memory_chunk_size=5), "memory_chunk_size"),
         (dict(memory_slots=4), "memory_slots"),
         (dict(use_memory=False), "use_memory"),
+        (dict(memory_write="mean"), "memory_write"),
         (dict(num_attention_heads=4), "num_attention_heads"),
     ],
 )

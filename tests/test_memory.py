@@ -1,6 +1,8 @@
 """Field memory (dfn/memory_dfn.py): the parallel scan equals the entity-by-entity decoding step, whatever the
 split into calls and the padding, and the write rule keeps content that later chunks do not overwrite."""
 
+import math
+
 import pytest
 import torch
 from conftest import max_diff
@@ -29,9 +31,11 @@ def make_inputs(batch: int, length: int, flow_coords: int, seed: int = 1):
     return pos, val, log_w
 
 
-def fresh(params: dict, batch: int) -> dict:
+def fresh(params: dict, batch: int, write: str = "gated") -> dict:
+    """A fresh memory; for the "mean" write the slots start with random masses between e^-3 and 1."""
     gen = torch.Generator().manual_seed(7)
-    return initial_memory_state(params["home"], torch.randn(HEADS, SLOTS, HEAD_DIM, generator=gen), batch)
+    prior = -3 * torch.rand(HEADS, SLOTS, generator=gen) if write == "mean" else None
+    return initial_memory_state(params["home"], torch.randn(HEADS, SLOTS, HEAD_DIM, generator=gen), batch, prior)
 
 
 def assert_states_equal(a: dict, b: dict, tol: float = 1e-5):
@@ -40,10 +44,11 @@ def assert_states_equal(a: dict, b: dict, tol: float = 1e-5):
         assert max_diff(a[name], b[name]) <= tol, name
 
 
+@pytest.mark.parametrize("write", ["gated", "mean"])
 @pytest.mark.parametrize("flow_coords", [0, 1, 3])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "in_order"])
-def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded):
+def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded, write):
     """Padded: row 1 is left-padded by 3 and row 0 starts mid-chunk (position ids from 2). In order: both rows start
     at position 0 with no padding (the layout needs no scatter)."""
     batch, length = 2, 23
@@ -54,18 +59,18 @@ def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded):
     if padded:
         valid[1, :3] = False
         position_ids = torch.stack([torch.arange(length) + 2, (valid[1].long().cumsum(0) - 1).clamp_min(0)])
-    out, lse, state = memory_scan(fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size)
-    ref_out, ref_lse, ref_state = memory_scan_reference(
-        fresh(params, batch), pos, val, log_w, position_ids, valid, params, chunk_size
-    )
+    start = fresh(params, batch, write)
+    out, lse, state = memory_scan(start, pos, val, log_w, position_ids, valid, params, chunk_size)
+    ref_out, ref_lse, ref_state = memory_scan_reference(start, pos, val, log_w, position_ids, valid, params, chunk_size)
     real = valid.view(batch, length, 1)
     assert max_diff(out * real.unsqueeze(-1), ref_out * real.unsqueeze(-1)) <= 1e-5
     assert max_diff(lse * real, ref_lse * real) <= 1e-5
     assert_states_equal(state, ref_state)
 
 
+@pytest.mark.parametrize("write", ["gated", "mean"])
 @pytest.mark.parametrize("splits", [[7, 1, 9, 6], [5, 5, 5, 8], [1] * 23, [23], "blocks"])
-def test_scan_over_segments_equals_one_scan(splits, monkeypatch):
+def test_scan_over_segments_equals_one_scan(splits, write, monkeypatch):
     """Calls that end mid-chunk carry the chunk's sums; a row with no real entity in a call keeps its memory."""
     batch, length, chunk_size = 2, 23, 4
     params = make_params(2)
@@ -76,11 +81,11 @@ def test_scan_over_segments_equals_one_scan(splits, monkeypatch):
         valid[0, 5:10] = False  # right after the first block of 5, one with no real entity in any row
     position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)
     args = (pos, val, log_w, position_ids, valid, params, chunk_size)
-    full_out, _, full_state = memory_scan(fresh(params, batch), *args)
+    full_out, _, full_state = memory_scan(fresh(params, batch, write), *args)
     if splits == "blocks":  # one call that scans internally in blocks of 5
         monkeypatch.setattr(memory_dfn, "SCAN_BLOCK", 5)
         splits = [23]
-    state, outs, start = fresh(params, batch), [], 0
+    state, outs, start = fresh(params, batch, write), [], 0
     for size in splits:
         part = slice(start, start + size)
         out, _, state = memory_scan(
@@ -118,3 +123,30 @@ def test_unaddressed_slot_keeps_its_content_over_many_chunks():
     val[:, -chunk_size:] = -1.0
     _, _, state = memory_scan(fresh(params, 1), pos, val, log_w, position_ids, valid, params, chunk_size)
     assert torch.allclose(state["val"][0, :, 0], -torch.ones(HEADS, HEAD_DIM), atol=1e-2)
+
+
+@pytest.mark.parametrize("write", ["gated", "mean"])
+def test_weak_key_against_weaker_filler(write):
+    """One slot, a key chunk of write mass 0.05 (value 1), then 200 filler chunks of mass 5e-4 each (value 0). The
+    gated write keeps (1 - e^-0.05) e^-0.1 = 4.4 % of the key; the mean write keeps its share of all the mass the slot
+    absorbed, 0.05 / (D_0 + 0.05 + 0.1) = 33 % with D_0 = e^-10: relative write masses decide, not absolute ones."""
+    chunk_size, chunks = 4, 201
+    params = make_params(1)
+    params["home"] = torch.zeros(HEADS, SLOTS, 1)
+    params["write_log_scale"] = torch.zeros(HEADS, SLOTS)
+    params["inv_two_var"] = torch.ones(HEADS)
+    length = chunk_size * chunks
+    log_w = torch.full((1, length, HEADS), math.log(5e-4 / chunk_size))
+    log_w[:, :chunk_size] = math.log(0.05 / chunk_size)
+    val = torch.zeros(1, length, HEADS, HEAD_DIM)
+    val[:, :chunk_size] = 1.0
+    pos = torch.zeros(1, length, HEADS, 1)
+    position_ids = torch.arange(length).view(1, -1)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    prior = torch.full((HEADS, SLOTS), -10.0) if write == "mean" else None
+    start = initial_memory_state(params["home"], torch.zeros(HEADS, SLOTS, HEAD_DIM), 1, prior)
+    _, _, state = memory_scan(start, pos, val, log_w, position_ids, valid, params, chunk_size)
+    expected = 0.05 / (math.exp(-10) + 0.15) if write == "mean" else -math.expm1(-0.05) * math.exp(-0.1)
+    assert torch.allclose(state["val"], torch.full_like(state["val"], expected), rtol=1e-4)
+    if write == "mean":
+        assert torch.allclose(state["mass"], torch.full_like(state["mass"], math.exp(-10) + 0.15), rtol=1e-4)
