@@ -113,8 +113,8 @@ def memory_step(state: dict, pos, val, log_weight, valid, completes, params: dic
         return out, lse, dict(state, acc_sum=acc_sum, acc_pos=acc_pos, acc_val=acc_val)
     decay, ratio = commit_coefficients(acc_sum, state.get("mass"))
     done = completes.view(-1, 1, 1)
-    new_state = {"acc_sum": acc_sum * ~done, "acc_pos": acc_pos * (~done).unsqueeze(-1)}
-    new_state["acc_val"] = acc_val * (~done).unsqueeze(-1)
+    keep = (~done).unsqueeze(-1)
+    new_state = {"acc_sum": acc_sum * ~done, "acc_pos": acc_pos * keep, "acc_val": acc_val * keep}
     if "mass" in state:
         new_state["mass"] = state["mass"] + acc_sum * done
     decay = torch.where(done, decay, 1.0).unsqueeze(-1)
@@ -218,7 +218,7 @@ def memory_scan(
 
     complete = laid_valid[:, :, -1]  # (B, n): the chunk's last entity is in this call, so it commits here
     start = torch.cat([state["pos"], state["val"]], dim=-1).unsqueeze(1)  # (B, 1, H, M, F)
-    before_mass = _mass_before_chunks(state["mass"], mass, complete) if "mass" in state else None
+    before_mass = mass_before_chunks(state["mass"], mass, complete) if "mass" in state else None
     after = _commit_chunks(start, mass, sums, complete, before_mass)  # (B, n, H, M, F): the memory after each chunk
 
     # a row whose last chunk is incomplete carries its sums to the next call; a row with no entity keeps its own
@@ -269,7 +269,7 @@ def _chunk_sums(pos, val, log_weight, valid, params: dict) -> tuple[torch.Tensor
     return weight.sum(2), sums
 
 
-def _mass_before_chunks(start_mass, mass, complete) -> torch.Tensor:
+def mass_before_chunks(start_mass, mass, complete) -> torch.Tensor:
     """The mean write's absorbed mass D `(B, n, H, M)` before each chunk, from `start_mass (B, H, M)` and the chunk
     masses `(B, n, H, M)`; only complete chunks add theirs."""
     added = (mass * complete.view(*complete.shape, 1, 1)).cumsum(1)

@@ -462,14 +462,14 @@ class DFNFlowLayer(GradientCheckpointingLayer):
         x = self.input_norm(hidden_states)
         if self.config.use_flow:
             flow = self.flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
-            positions = positions + self.flow_alpha.view(1, 1, -1, 1) * flow
+            positions = positions + self.flow_alpha.float().view(1, 1, -1, 1) * flow
         queries = positions
         if self.config.use_query_flow:
             look = self.query_flow_proj(x).view(batch, length, self.num_heads, self.pos_dim).float()
-            queries = positions + self.flow_alpha.view(1, 1, -1, 1) * look
+            queries = positions + self.flow_alpha.float().view(1, 1, -1, 1) * look
         log_weights = F.logsigmoid(self.influence_proj(x).float())
         values = self.value_proj(x).view(batch, length, self.num_heads, self.head_dim).float()
-        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width)
+        inv_two_var = 0.5 * torch.exp(-2.0 * self.log_kernel_width.float())
         return x, positions, queries, values, log_weights, inv_two_var
 
     def _append(self, positions, values, log_weights, key_mask, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:

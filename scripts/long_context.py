@@ -579,7 +579,14 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
       slot when the query reads it;
     * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler.
     """
-    from dfn.memory_dfn import commit_coefficients, initial_memory_state, memory_scan, squared_distance, write_scores
+    from dfn.memory_dfn import (
+        commit_coefficients,
+        initial_memory_state,
+        mass_before_chunks,
+        memory_scan,
+        squared_distance,
+        write_scores,
+    )
     from dfn.neighbors_dfn import causal_knn
 
     cfg = model.config
@@ -646,7 +653,10 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     # write mass S (chunks, H, M) and the decay 1 - gate each complete chunk applies to each slot
                     mass = torch.exp(write_scores(flow[0, :prefix], log_w[0, :prefix], params))
                     mass = mass.view(-1, cfg.memory_chunk_size, heads, cfg.memory_slots).sum(1)
-                    before = None if prior is None else torch.exp(prior) + mass.cumsum(0) - mass
+                    before = None
+                    if prior is not None:  # every chunk before q's is complete
+                        every = torch.ones(1, len(mass), dtype=torch.bool)
+                        before = mass_before_chunks(state["mass"], mass[None], every)[0]
                     decay = commit_coefficients(mass, before)[0]
                     row.update(
                         slot_needle_share=before_q["val"][0, :, :, 0].amax(-1).tolist(),

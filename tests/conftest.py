@@ -74,7 +74,7 @@ CONFIGS = {
     ),
 }
 # a smaller set for the slower generate()-based tests
-GEN_CONFIGS = ["k3-mem-residual", "k1-mem-seed", "k3-nomem-seed"]
+GEN_CONFIGS = ["k3-mem-residual", "k1-mem-seed", "k3-nomem-seed", "k2-queryflow-mem-residual"]
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
