@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from torch.utils.data import IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -358,7 +359,7 @@ def train_model(model, name: str, args, filler: Filler) -> dict:
     out_dir = str(Path(args.out_dir) / "runs" / name)
     bounded = training_read(model, args)
     run = train_lib.train_on_stream(
-        model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=False,
+        model, stream, out_dir, args, max(1, args.steps // 20), adam_beta2=0.99, disable_tqdm=args.no_progress,
         trainer_class=BoundedStreamTrainer if bounded else None, trainer_kwargs=bounded,
     )  # fmt: skip
     curve = run["loss_curve"]
@@ -814,8 +815,6 @@ def plot_heatmaps(report: dict, args, out_dir: Path) -> list[str]:
 
 
 def machine_info() -> dict:
-    import transformers
-
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -960,6 +959,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
     out_dir = Path(args.out_dir)
     path = out_dir / report_name(args)
     trained = [] if args.reuse else [out_dir / sub / name for name in args.models for sub in ("models", "runs")]

@@ -279,6 +279,7 @@ def test_quick_run(tmp_path):
     out = proc.stdout
     assert "torch_threads=" in out and "transformers=" in out and "Accuracy: exact match" in out
     assert "Gradient reach" in out
+    assert "it/s]" not in proc.stderr and "s/it]" not in proc.stderr  # --no-progress: no bars, training's included
     report = json.loads((tmp_path / "long_context.json").read_text())
     assert set(report["models"]) == {"dfn", "dfn-nomem", "dfn-noflow", "llama"}
     params = {name: res["params"] for name, res in report["models"].items()}
