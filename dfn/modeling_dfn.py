@@ -731,6 +731,7 @@ class DFNPreTrainedModel(PreTrainedModel):
         "memory_write_scale",
         "memory_log_width",
         "memory_pos",
+        "memory_prior_log_mass",
     )
 
     @classmethod
