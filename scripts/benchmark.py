@@ -87,8 +87,9 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        quick_defaults(args, parser, min_length=256, max_length=512, train_max_length=512, decode_contexts="128,256")
-        quick_defaults(args, parser, decode_steps=4, repeats=1, hidden_size=32, layers=2, heads=2, num_neighbors=8)
+        quick_defaults(args, parser, argv, min_length=256, max_length=512, train_max_length=512, decode_steps=4)
+        quick_defaults(args, parser, argv, decode_contexts="128,256", repeats=1, hidden_size=32, layers=2, heads=2)
+        quick_defaults(args, parser, argv, num_neighbors=8)
     if args.lengths:
         args.min_length, args.max_length = args.lengths[0], args.lengths[-1]
     return args

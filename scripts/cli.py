@@ -36,11 +36,13 @@ def doubling_ranges(n: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def quick_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, **values) -> None:
-    """`--quick`'s small settings, for the flags the command line left at their defaults: a flag given explicitly
-    (`--quick --lengths 512`) keeps its value."""
+def quick_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, argv, **values) -> None:
+    """`--quick`'s small settings, for the flags the command line `argv` (None: `sys.argv`) did not give: a flag given
+    explicitly keeps its value, even one equal to its default (`--quick --steps 300`)."""
+    unset = object()  # argparse only fills in defaults for names the namespace lacks
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(values, unset)))
     for name, value in values.items():
-        if getattr(args, name) == parser.get_default(name):
+        if getattr(given, name) is unset:
             setattr(args, name, value)
 
 

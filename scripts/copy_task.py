@@ -190,8 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     args = p.parse_args(argv)
     if args.quick:
-        quick_defaults(args, p, steps=4, string_length=8, batch_size=4, hidden_size=32, num_neighbors=4)
-        quick_defaults(args, p, memory_slots=2, memory_chunk_size=8, eval_examples=8, eval_neighbors=4)
+        quick_defaults(args, p, argv, steps=4, string_length=8, batch_size=4, hidden_size=32, num_neighbors=4)
+        quick_defaults(args, p, argv, memory_slots=2, memory_chunk_size=8, eval_examples=8, eval_neighbors=4)
     for flag in ("min_string_length", "eval_min_string_length"):
         value = getattr(args, flag)
         if value is not None and not 2 <= value <= args.string_length:

@@ -380,7 +380,7 @@ def task_min_length(args) -> int:
 
 
 def train_lengths(args) -> list[int]:
-    floor = task_min_length(args) + 32
+    floor = min(task_min_length(args) + 32, args.train_length)
     return sorted({max(floor, args.train_length // 4), max(floor, args.train_length // 2), args.train_length})
 
 
@@ -917,10 +917,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results and models of an earlier run there")
     args = p.parse_args(argv)
     if args.quick:
-        quick_defaults(args, p, steps=24, train_length=256, batch_size=4, lengths="256,512", depths="0,0.5,1")
-        quick_defaults(args, p, eval_examples=2, eval_batch=2, hidden_size=32, layers=2, heads=2, num_neighbors=8)
-        quick_defaults(args, p, memory_slots=4, memory_chunk_size=16, num_pairs=4, num_queries=2, segment=256)
-        quick_defaults(args, p, eval_time_cap=60.0)
+        quick_defaults(args, p, argv, steps=24, train_length=256, batch_size=4, lengths="256,512", depths="0,0.5,1")
+        quick_defaults(args, p, argv, eval_examples=2, eval_batch=2, hidden_size=32, layers=2, heads=2, num_neighbors=8)
+        quick_defaults(args, p, argv, memory_slots=4, memory_chunk_size=16, num_pairs=4, num_queries=2, segment=256)
+        quick_defaults(args, p, argv, eval_time_cap=60.0)
     args.reuse = args.reuse or args.diagnose_only
     if not 0 <= args.copy_fraction < 1:
         p.error("--copy-fraction must be in [0, 1)")
@@ -931,15 +931,19 @@ def parse_args(argv=None):
     args.lengths = sorted(int(x) for x in str(args.lengths).split(","))
     args.depths = [float(x) for x in str(args.depths).split(",")]
     unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        p.error(f"unknown models {unknown}; known: {MODELS}")
+    if unknown or not args.models:
+        p.error(f"--models must name some of {MODELS}, got {args.models}")
     if not 0 < args.train_length <= 2048:
         p.error("--train-length must be in (0, 2048]")
     if any(not 0 <= d <= 1 for d in args.depths):
         p.error("--depths must lie in [0, 1]")
+    if "mqar" in args.tasks and args.num_queries > args.num_pairs:
+        p.error(f"--num-queries ({args.num_queries}) must be <= --num-pairs ({args.num_pairs})")
     shortest = task_min_length(args)
     if min(args.lengths) < shortest or args.train_length < shortest:
         p.error(f"lengths must be >= {shortest} bytes for these tasks")
+    if not args.no_diagnose and 0 < args.diagnose_length < passkey_min_length():
+        p.error(f"--diagnose-length must be 0 or >= {passkey_min_length()} (the diagnosis reads a passkey)")
     return args
 
 
@@ -965,6 +969,9 @@ def main(argv=None) -> dict:
     path = out_dir / report_name(args)
     trained = [] if args.reuse else [out_dir / sub / name for name in args.models for sub in ("models", "runs")]
     refuse_overwrite([path, *trained], args.overwrite)
+    missing = [name for name in args.models if not (out_dir / "models" / name / "train.json").is_file()]
+    if args.diagnose_only and missing:
+        raise SystemExit(f"--diagnose-only: no saved model {missing} in {out_dir / 'models'} (no train.json)")
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print("machine: " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)

@@ -97,9 +97,14 @@ def test_train_config_counts_are_checked(field, value):
         ("long_context", ["--quick", "--lengths", "512"], "lengths", [512], "steps", 24),
         ("copy_task", ["--quick", "--steps", "2"], "steps", 2, "batch_size", 4),
         ("benchmark", ["--quick", "--decode-steps", "7"], "decode_steps", 7, "repeats", 1),
+        ("long_context", ["--quick", "--steps", "300"], "steps", 300, "segment", 256),
+        ("long_context", ["--quick", "--segment=2048"], "segment", 2048, "steps", 24),
+        ("copy_task", ["--quick", "--batch-size", "32"], "batch_size", 32, "steps", 4),
+        ("benchmark", ["--quick", "--repeats", "3"], "repeats", 3, "decode_steps", 4),
     ],
 )
 def test_quick_keeps_explicit_flags(script, argv, name, value, quick_name, quick_value):
-    """--quick shrinks what was left at its default, and no longer replaces a flag given on the command line."""
+    """--quick shrinks what was left at its default, and never replaces a flag given on the command line, even one
+    given with its default value."""
     args = load_script(script).parse_args(argv)
     assert getattr(args, name) == value and getattr(args, quick_name) == quick_value

@@ -267,6 +267,31 @@ def test_tasks_flag_names_known_tasks():
         lc.parse_args(["--tasks", "passkey,sorting"])
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", ","], "--models must name some of"),
+        (["--tasks", "mqar", "--num-pairs", "2", "--num-queries", "4"], "--num-queries (4) must be <= --num-pairs (2)"),
+        (["--diagnose-length", "40"], "--diagnose-length must be 0 or >= 81"),
+    ],
+)
+def test_nonsense_flags_are_refused_before_the_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        lc.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_diagnose_only_never_trains_a_missing_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(lc, "train_model", lambda *a, **k: pytest.fail("--diagnose-only trained a model"))
+    with pytest.raises(SystemExit, match=r"--diagnose-only: no saved model \['dfn'\]"):
+        lc.main(["--quick", "--diagnose-only", "--models", "dfn", "--out-dir", str(tmp_path)])
+
+
+def test_training_lengths_stay_within_train_length():
+    args = lc.parse_args(["--tasks", "passkey", "--train-length", "100", "--lengths", "100"])
+    assert lc.train_lengths(args) == [100]
+
+
 def test_quick_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/long_context.py", "--quick", "--no-progress", "--out-dir", str(tmp_path)],
