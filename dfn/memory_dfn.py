@@ -35,6 +35,7 @@ import torch
 STATE_KEYS = ("pos", "val", "acc_sum", "acc_pos", "acc_val")  # plus "mass" for the "mean" write
 # entities per parallel scan: bounds its (B, N, H, M) and (B, N, H, k + D) temporaries on very long inputs
 SCAN_BLOCK = 16384
+MIN_PRIOR_MASS = 1e-30  # the mean write's smallest D_0 (float32's smallest normal number is 1.2e-38)
 
 
 def squared_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,9 @@ def initial_memory_state(
         "acc_val": slot_val.new_zeros(batch_size, heads, slots, features - slot_pos.shape[-1]),
     }
     if prior_log_mass is not None:
-        state["mass"] = torch.exp(prior_log_mass).unsqueeze(0).expand(batch_size, -1, -1)
+        # D_0 > 0 even where a learned prior underflows: a chunk that offers the slot nothing then has gate 0, not 0/0
+        prior_mass = torch.exp(prior_log_mass).clamp_min(MIN_PRIOR_MASS)
+        state["mass"] = prior_mass.unsqueeze(0).expand(batch_size, -1, -1)
     return state
 
 

@@ -125,6 +125,23 @@ def test_unaddressed_slot_keeps_its_content_over_many_chunks():
     assert torch.allclose(state["val"][0, :, 0], -torch.ones(HEADS, HEAD_DIM), atol=1e-2)
 
 
+def test_mean_write_keeps_a_slot_offered_nothing_when_its_prior_underflows():
+    """A learned prior mass of e^-200 is 0 in float32; a slot so far from every entity that its write mass is 0 too
+    must keep its content (gate 0), in the scan and in the entity-by-entity step, not become 0/0."""
+    chunk_size, length = 4, 12
+    params = make_params(1)
+    params["home"] = torch.tensor([0.0, 0.0, 1e4]).view(1, SLOTS, 1).expand(HEADS, -1, -1).contiguous()
+    pos, val, log_w = make_inputs(2, length, 1)
+    position_ids = torch.arange(length).expand(2, -1)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    slot_val = torch.randn(HEADS, SLOTS, HEAD_DIM)
+    start = initial_memory_state(params["home"], slot_val, 2, torch.full((HEADS, SLOTS), -200.0))
+    for scan in (memory_scan, memory_scan_reference):
+        out, _, state = scan(start, pos, val, log_w, position_ids, valid, params, chunk_size)
+        assert torch.isfinite(out).all() and all(torch.isfinite(state[k]).all() for k in state), scan.__name__
+        assert torch.equal(state["val"][:, :, 2], slot_val[:, 2].expand(2, -1, -1)), scan.__name__
+
+
 @pytest.mark.parametrize("write", ["gated", "mean"])
 def test_weak_key_against_weaker_filler(write):
     """One slot, a key chunk of write mass 0.05 (value 1), then 200 filler chunks of mass 5e-4 each (value 0). The
