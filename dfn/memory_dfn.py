@@ -143,16 +143,17 @@ def linear_scan(decay: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor
 
 
 def chunk_layout(position_ids: torch.Tensor, valid: torch.Tensor, chunk_size: int):
-    """Place each real entity at `(chunk - first_chunk) * C + position % C` of a padded chunked axis.
+    """Place each real entity at `(chunk - its row's first chunk) * C + position % C` of a padded chunked axis: rows
+    are laid out apart, so the axis spans the longest row's chunks (at most N / C + 2), whatever the rows' positions.
 
     Returns the slot index `(B, N)` (padding entities go to a trash slot at the end), the number of chunks and the
     validity `(B, num_chunks * C)` of the chunked axis.
     """
     chunk = torch.div(position_ids, chunk_size, rounding_mode="floor")
-    first = chunk[valid].min()
-    num_chunks = int(chunk[valid].max() - first) + 1
+    chunk = chunk - chunk.masked_fill(~valid, torch.iinfo(chunk.dtype).max).amin(1, keepdim=True)
+    num_chunks = int(chunk[valid].max()) + 1
     trash = num_chunks * chunk_size
-    slot = torch.where(valid, (chunk - first) * chunk_size + position_ids % chunk_size, trash)
+    slot = torch.where(valid, chunk * chunk_size + position_ids % chunk_size, trash)
     laid_valid = valid.new_zeros(valid.shape[0], trash + 1).scatter(1, slot, valid)[:, :trash]
     return slot, num_chunks, laid_valid
 

@@ -69,6 +69,26 @@ def test_parallel_scan_equals_entity_by_entity(flow_coords, chunk_size, padded, 
 
 
 @pytest.mark.parametrize("write", ["gated", "mean"])
+def test_rows_far_apart_are_laid_out_apart(write):
+    """Row 0 a million entities further on than row 1 (a row that was padding for a long stream): each row's chunks
+    are laid out from its own first one, so the scan's chunked axis stays N / C + 2 long, and it equals the step."""
+    batch, length, chunk_size = 2, 23, 4
+    params = make_params(2)
+    pos, val, log_w = make_inputs(batch, length, 2)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :5] = False
+    position_ids = torch.stack([torch.arange(length) + 10**6 + 3, (valid[1].long().cumsum(0) - 1).clamp_min(0)])
+    _, num_chunks, _ = memory_dfn.chunk_layout(position_ids, valid, chunk_size)
+    assert num_chunks <= length // chunk_size + 2
+    start = fresh(params, batch, write)
+    out, _, state = memory_scan(start, pos, val, log_w, position_ids, valid, params, chunk_size)
+    ref_out, _, ref_state = memory_scan_reference(start, pos, val, log_w, position_ids, valid, params, chunk_size)
+    real = valid.view(batch, length, 1, 1)
+    assert max_diff(out * real, ref_out * real) <= 1e-5
+    assert_states_equal(state, ref_state)
+
+
+@pytest.mark.parametrize("write", ["gated", "mean"])
 @pytest.mark.parametrize("splits", [[7, 1, 9, 6], [5, 5, 5, 8], [1] * 23, [23], "blocks"])
 def test_scan_over_segments_equals_one_scan(splits, write, monkeypatch):
     """Calls that end mid-chunk carry the chunk's sums; a row with no real entity in a call keeps its memory."""
