@@ -967,11 +967,11 @@ def main(argv=None) -> dict:
         transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
     out_dir = Path(args.out_dir)
     path = out_dir / report_name(args)
-    trained = [] if args.reuse else [out_dir / sub / name for name in args.models for sub in ("models", "runs")]
-    refuse_overwrite([path, *trained], args.overwrite)
     missing = [name for name in args.models if not (out_dir / "models" / name / "train.json").is_file()]
     if args.diagnose_only and missing:
         raise SystemExit(f"--diagnose-only: no saved model {missing} in {out_dir / 'models'} (no train.json)")
+    to_train = missing if args.reuse else args.models  # --reuse trains (and writes) only the models not saved
+    refuse_overwrite([path, *(out_dir / sub / name for name in to_train for sub in ("models", "runs"))], args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print("machine: " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)

@@ -15,10 +15,23 @@ MINE = '{"saved": "by the user"}'
         ("copy_task", "copy_task.json", ["--quick", "--out-dir", "{dir}"]),
         ("long_context", "long_context.json", ["--quick", "--out-dir", "{dir}"]),
         ("long_context", "models/dfn/train.json", ["--quick", "--models", "dfn", "--out-dir", "{dir}"]),
+        (
+            "long_context",
+            "runs/dfn/trainer_state.json",
+            ["--quick", "--reuse", "--models", "dfn", "--out-dir", "{dir}"],
+        ),
         ("evaluate", "scores.json", ["no-checkpoint", "no-text.txt", "--json", "{dir}/scores.json"]),
         ("reach", "reach.json", ["no-checkpoint", "--json", "{dir}/reach.json"]),
     ],
-    ids=["benchmark", "copy_task", "long_context", "long_context-models", "evaluate-json", "reach-json"],
+    ids=[
+        "benchmark",
+        "copy_task",
+        "long_context",
+        "long_context-models",
+        "long_context-reuse-trains",
+        "evaluate-json",
+        "reach-json",
+    ],
 )
 def test_script_refuses_to_overwrite_results(tmp_path, script, taken, argv):
     saved = tmp_path / taken
