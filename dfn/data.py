@@ -34,11 +34,13 @@ def read_text_bytes(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> n
 
 
 def load_dataset_bytes(path: str, split: str = "train", text_column: str = "text") -> np.ndarray:
-    """Bytes of a local `datasets` dataset: a folder written by `save_to_disk`, or text files read with the `text`
-    builder (`load_dataset("text", data_files=..., keep_linebreaks=True)`). Rows are joined as they are (text-builder
-    rows keep their line breaks), so the bytes equal the file's bytes."""
+    """Bytes of a local `datasets` dataset: a folder written by `save_to_disk` (rows joined by newlines), a text file
+    (its raw bytes, as `read_text_bytes`), or text files named by a folder or glob, read with the `text` builder
+    (`load_dataset("text", data_files=..., keep_linebreaks=True)`; it reads in text mode, so "\r\n" becomes "\n")."""
     import datasets
 
+    if os.path.isfile(path):  # the text builder would turn "\r\n" into "\n": not the bytes --train_files trains on
+        return read_text_bytes(path)
     saved = os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "dataset_dict.json")
     )

@@ -17,6 +17,16 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def boolean(text: str) -> bool:
+    """argparse type: true/false, yes/no, on/off or 1/0 (any case); any other word is refused, never read as true."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)

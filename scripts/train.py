@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 import torch  # noqa: E402
-from cli import positive_int  # noqa: E402
+from cli import boolean, positive_int  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -157,15 +157,21 @@ def make_config(preset: str | None = None, overrides: dict | None = None, model_
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
     cfg = TrainConfig(**values)
-    check_counts(cfg)
+    check_values(cfg)
     cfg.model = {**cfg.model, **(model_overrides or {})}
     if cfg.model_type not in ("dfn", "llama"):
         raise ValueError(f"model_type must be 'dfn' or 'llama', got {cfg.model_type!r}")
     return cfg
 
 
-def check_counts(cfg: TrainConfig) -> None:
-    """Steps, sizes and rates that would otherwise mean something else (a negative max_steps trains an epoch)."""
+def check_values(cfg: TrainConfig) -> None:
+    """Values that would otherwise mean something else: steps, sizes and rates (a negative max_steps trains an epoch),
+    switches that are not true or false (the word "no" would count as true), and validation files --dataset ignores."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.type == "bool" and not isinstance(getattr(cfg, f.name), bool):
+            raise ValueError(f"{f.name} must be true or false, got {getattr(cfg, f.name)!r}")
+    if cfg.dataset and cfg.val_files:
+        raise ValueError("val_files cannot be used with dataset: its validation split is the last val_fraction")
     for name, low in (
         ("block_size", 1),
         ("batch_size", 1),
@@ -207,7 +213,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                 flag, nargs="?", const="last", default=None, help="resume from the last checkpoint or from PATH"
             )
         elif f.type in ("bool",):
-            parser.add_argument(flag, nargs="?", const=True, default=None, type=_parse_value)
+            parser.add_argument(flag, nargs="?", const=True, default=None, type=boolean)
         elif f.type in ("int", "int | None"):
             parser.add_argument(flag, type=int, default=None)
         elif f.type == "float":
@@ -218,7 +224,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.dataset and args.train_files:
+        parser.error("--dataset replaces --train_files: give one of them")
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "model")}
     return make_config(args.preset, overrides, parse_model_overrides(args.model))
 

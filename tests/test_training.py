@@ -95,12 +95,17 @@ def test_split_blocks_and_unigram():
 
 
 def test_text_and_datasets_inputs_give_the_same_bytes(tmp_path):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll: Speak, speak. é✓\n"
+    """A text file given as --dataset trains on its raw bytes, Windows line ends included; a glob goes through the
+    datasets "text" builder, which keeps the line breaks."""
+    text = "First Citizen:\r\nBefore we proceed any further, hear me speak.\r\n\r\nAll: Speak, speak. é✓\n"
     path = tmp_path / "t.txt"
-    path.write_text(text, encoding="utf-8")
+    path.write_bytes(text.encode())
     expected = np.frombuffer(text.encode(), np.uint8)
     assert np.array_equal(read_text_bytes(path), expected)
-    assert np.array_equal(load_dataset_bytes(str(path)), expected)  # datasets "text" builder, line breaks kept
+    assert np.array_equal(load_dataset_bytes(str(path)), expected)
+    unix = text.replace("\r\n", "\n")
+    (tmp_path / "u.txt").write_bytes(unix.encode())
+    assert np.array_equal(load_dataset_bytes(str(tmp_path / "u*.txt")), np.frombuffer(unix.encode(), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,6 +144,38 @@ def test_presets_and_overrides():
         train_lib.make_config("tiny", {"max_stepz": 3})
     with pytest.raises(FileNotFoundError, match="known presets"):
         train_lib.make_config("nope")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--overwrite", "no"], None),
+        (["--bf16", "off"], None),
+        (["--overwrite", "nope"], "--overwrite: expected true or false, got 'nope'"),
+        (["--dataset", "d.txt", "--train_files", "a.txt"], "--dataset replaces --train_files"),
+    ],
+)
+def test_command_line_switches_and_sources(argv, message, capsys):
+    """A switch reads true/false, yes/no, on/off or 1/0 and refuses any other word (any word used to count as true:
+    `--overwrite no` deleted the output folder); --dataset and --train_files do not mix."""
+    if message is None:
+        assert getattr(train_lib.parse_args(argv), argv[0][2:]) is False
+        return
+    with pytest.raises(SystemExit):
+        train_lib.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"overwrite": "no"}, "overwrite must be true or false, got 'no'"),
+        ({"dataset": "d.txt", "val_files": ["v.txt"]}, "val_files cannot be used with dataset"),
+    ],
+)
+def test_config_switches_and_sources_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_lib.make_config("tiny", overrides)
 
 
 def test_refuses_non_empty_output_dir(texts, tmp_path):
