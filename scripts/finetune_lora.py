@@ -46,8 +46,9 @@ DFN_LORA_TARGETS = ["flow_proj", "influence_proj", "value_proj", "mlp.up_proj", 
 
 def lora_targets(config) -> list[str]:
     """Every adaptable projection a DFN with this config has."""
+    base = [t for t in DFN_LORA_TARGETS if t != "flow_proj" or getattr(config, "use_flow", True)]
     gate = ["mlp.gate_proj"] if getattr(config, "mlp_type", "gelu") == "swiglu" else []
-    return DFN_LORA_TARGETS + gate + (["query_flow_proj"] if getattr(config, "use_query_flow", False) else [])
+    return base + gate + (["query_flow_proj"] if getattr(config, "use_query_flow", False) else [])
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
@@ -70,9 +71,16 @@ def load_base(folder: str, device: str = "cpu"):
 
 
 def add_lora(model, config):
-    """Wrap `model` with LoRA adapters; everything but the adapters is frozen."""
+    """Wrap `model` with LoRA adapters; everything but the adapters is frozen. Every target must name a module of the
+    model (PEFT itself only refuses a list where none does, so a misspelt one would silently adapt less)."""
     from peft import get_peft_model
 
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"LoRA target_modules {unmatched} name no module of this model; it has {lora_targets(model.config)}"
+        )
     return get_peft_model(model, config)
 
 

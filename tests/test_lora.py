@@ -88,6 +88,20 @@ def test_default_targets_follow_the_model_query_flow_and_mlp_gate():
             assert any(f"model.layers.{layer}.{target}.lora_" in n for n in trainable), target
 
 
+def test_targets_name_modules_the_model_has():
+    """A model without the flow has no flow_proj to adapt; a target that names no module is refused, not dropped."""
+    from dfn import DFNConfig, DFNForCausalLM
+
+    no_flow = DFNConfig(**TINY_MODEL, use_flow=False)
+    assert "flow_proj" not in finetune_lora.lora_targets(no_flow)
+    model = DFNForCausalLM(no_flow)
+    finetune_lora.add_lora(model, finetune_lora.lora_config(r=4, target_modules=finetune_lora.lora_targets(no_flow)))
+    with pytest.raises(ValueError, match=r"\['influence_prj'\] name no module of this model"):
+        finetune_lora.add_lora(
+            DFNForCausalLM(no_flow), finetune_lora.lora_config(r=4, target_modules=["value_proj", "influence_prj"])
+        )
+
+
 FRESH = textwrap.dedent(
     """
     import sys
