@@ -541,7 +541,27 @@ def test_adapter_repo_loads_onto_base_and_has_adapter_card(adapter, assembled, t
     assert f'AutoModelForCausalLM.from_pretrained("{REPO}", trust_remote_code=True)' in text
     assert f'AutoTokenizer.from_pretrained("{REPO}", trust_remote_code=True)' in text  # no tokenizer in the adapter
     assert "| rank r | 2 |" in text and "`up_proj`, `value_proj`" in text and "| hidden size | 32 |" in text
+    assert "The model code is in the base model's repository and is\nloaded with `trust_remote_code=True`." in text
     assert "None" not in text
+
+
+def test_adapter_card_says_its_code_is_the_tokenizer(adapter, assembled, tmp_path):
+    """finetune_lora saves the tokenizer beside the adapter: its code is the tokenizer's, not the model's."""
+    folder = tmp_path / "lora-with-tokenizer"
+    shutil.copytree(adapter.path, folder)
+    DFNByteTokenizer().save_pretrained(folder)
+    out = hub.prepare_out(tmp_path / "repo", folder, overwrite=False)
+    base_config = json.loads((assembled.path / "config.json").read_text())
+    _, card, _ = hub.assemble(
+        hub.inspect_source(folder), out, repo_id="someone/lora", base_model=REPO, base_config=base_config
+    )
+    text = " ".join(card.text.split())
+    assert (
+        "The model code is in the base model's repository, the tokenizer's code (`tokenization_dfn.py`) in this one"
+        in text
+    )
+    assert "The model code (`tokenization_dfn.py`)" not in text
+    assert "runs the Python files of the base model's and this repository" in text
 
 
 def test_adapter_cli_needs_base_model_and_finds_local_base(adapter, capsys, fake_api, no_verify, tmp_path):
