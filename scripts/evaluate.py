@@ -49,6 +49,8 @@ def score_bytes(
     """Bits/byte of `model` on the byte array `data`, through the `evaluate` metric. With `by_context`, also the loss
     of the bytes scored with 1, 2-3, 4-7, ... bytes of context before them in their block: how much of the block the
     model makes use of."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2 (a block scores each byte after its first), got {block_size}")
     metric = load_bits_per_byte("log_probs")
     device = next(model.parameters()).device
     blocks = text_blocks(data, block_size)
@@ -158,6 +160,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
+    if args.block_size < 2:
+        parser.error(f"--block-size must be >= 2 (a block scores each byte after its first), got {args.block_size}")
     if args.by_context and args.stream:
         parser.error("--by-context groups the bytes of blocks; with --stream every byte has all the text before it")
     if args.json:

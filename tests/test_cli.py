@@ -81,6 +81,7 @@ def test_train_resume_from_elsewhere_keeps_a_non_empty_output_dir(tmp_path):
     [
         ("evaluate", ["ckpt", "t.txt", "--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
         ("evaluate", ["ckpt", "t.txt", "--max-bytes", "-5"], "--max-bytes: must be an integer >= 0, got -5"),
+        ("evaluate", ["ckpt", "t.txt", "--block-size", "1"], "--block-size must be >= 2"),
         ("compare", ["--steps", "0"], "--steps: must be an integer >= 1, got 0"),
         ("copy_task", ["--steps", "-3"], "--steps: must be an integer >= 1, got -3"),
         ("long_context", ["--eval-batch", "0"], "--eval-batch: must be an integer >= 1, got 0"),
