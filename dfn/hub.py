@@ -360,11 +360,13 @@ def paths_overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def prepare_out(out: str | os.PathLike, source: Path, overwrite: bool) -> Path:
-    """Create (or, with `overwrite`, empty) the target folder; refuse a non-empty one or one that holds the source."""
+def prepare_out(out: str | os.PathLike, source: Path, overwrite: bool, base: Path | None = None) -> Path:
+    """Create (or, with `overwrite`, empty) the target folder; refuse a non-empty one or one that holds the source or
+    the local base model of an adapter (`base`)."""
     out = Path(out).expanduser().resolve()
-    if paths_overlap(out, source):
-        raise HubError(f"--out {out} must not be the source folder, inside it, or contain it ({source})")
+    for kept, what in ((source, "source"), (base, "base model's")):
+        if kept is not None and paths_overlap(out, Path(kept)):
+            raise HubError(f"--out {out} must not be the {what} folder, inside it, or contain it ({kept})")
     if out.exists() and not out.is_dir():
         raise HubError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):

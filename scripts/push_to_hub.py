@@ -100,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
         base_config = read_json(base_folder / "config.json")
 
     temporary = args.out is None
-    out = Path(tempfile.mkdtemp(prefix="dfn-hub-")) if temporary else prepare_out(args.out, source.path, args.overwrite)
+    out = (
+        Path(tempfile.mkdtemp(prefix="dfn-hub-"))
+        if temporary
+        else prepare_out(args.out, source.path, args.overwrite, base_folder)
+    )
     try:
         files, card, notes = assemble(
             source,

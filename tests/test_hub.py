@@ -476,6 +476,15 @@ def test_out_must_not_touch_the_source(source, capsys, no_verify, where):
     assert (source.path / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("where", ["base", "inside"])
+def test_out_must_not_touch_an_adapters_local_base(adapter, source, capsys, no_verify, where):
+    out = source.path if where == "base" else source.path / "hub"
+    argv = ["--source", adapter.path, "--repo-id", "someone/lora", "--base-model", REPO, "--base-source", source.path]
+    rc, stdout, stderr = run_cli(capsys, *argv, "--out", out, "--dry-run", "--overwrite")
+    assert rc == 2 and "must not be the base model's folder" in stderr
+    assert (source.path / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "bad name/x"])
 def test_bad_repo_id(source, capsys, no_verify, repo_id):
     rc, stdout, stderr = run_cli(capsys, "--source", source.path, "--repo-id", repo_id, "--dry-run")
