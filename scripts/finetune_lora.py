@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import train as train_lib  # noqa: E402  (scripts/train.py)
-from cli import non_negative_int, positive_int  # noqa: E402
+from cli import non_negative_int, positive_int, refuse_overwrite  # noqa: E402
 
 from dfn.hub import paths_overlap  # noqa: E402
 
@@ -70,10 +70,12 @@ def load_base(folder: str, device: str = "cpu"):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).to(device)
 
 
-def add_lora(model, config):
+def add_lora(model, config, seed: int | None = None):
     """Wrap `model` with LoRA adapters; everything but the adapters is frozen. Every target must name a module of the
-    model (PEFT itself only refuses a list where none does, so a misspelt one would silently adapt less)."""
+    model (PEFT itself only refuses a list where none does, so a misspelt one would silently adapt less). `seed` seeds
+    the adapters' random initialisation."""
     from peft import get_peft_model
+    from transformers import set_seed
 
     names = [name for name, _ in model.named_modules()]
     unmatched = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
@@ -81,6 +83,8 @@ def add_lora(model, config):
         raise ValueError(
             f"LoRA target_modules {unmatched} name no module of this model; it has {lora_targets(model.config)}"
         )
+    if seed is not None:
+        set_seed(seed)
     return get_peft_model(model, config)
 
 
@@ -130,6 +134,7 @@ def main(argv=None) -> dict:
     base, out = Path(args.base).resolve(), Path(args.output_dir).resolve()
     if paths_overlap(out, base):
         raise SystemExit(f"--output_dir {out} must not be the base checkpoint, inside it, or contain it ({base})")
+    refuse_overwrite([out], args.overwrite)  # before loading and scoring the base, not after
     cfg = train_lib.make_config(
         None,
         dict(
@@ -158,7 +163,7 @@ def main(argv=None) -> dict:
     base = load_base(args.base)
     before = block_loss(base, val_ds, args.batch_size)
     args.target_modules = args.target_modules or lora_targets(base.config)
-    model = add_lora(base, lora_config(args.r, args.alpha, args.lora_dropout, args.target_modules))
+    model = add_lora(base, lora_config(args.r, args.alpha, args.lora_dropout, args.target_modules), args.seed)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or not all("lora_" in n for n in trainable):
         raise RuntimeError(f"expected only LoRA parameters to train, got {trainable[:5]}")

@@ -102,6 +102,18 @@ def test_targets_name_modules_the_model_has():
         )
 
 
+def test_seeded_adapters_start_the_same():
+    from dfn import DFNConfig, DFNForCausalLM
+
+    config = DFNConfig(**TINY_MODEL)
+    made = [
+        finetune_lora.add_lora(DFNForCausalLM(config), finetune_lora.lora_config(r=4), seed=5).state_dict()
+        for _ in range(2)
+    ]
+    lora = [name for name in made[0] if "lora_A" in name]
+    assert lora and all(torch.equal(made[0][name], made[1][name]) for name in lora)
+
+
 FRESH = textwrap.dedent(
     """
     import sys
