@@ -171,3 +171,15 @@ def test_evaluate_stream_scores_the_text_as_one_document(tmp_path):
         [str(tmp_path / "ckpt"), str(tmp_path / "t.txt"), "--stream", "--segment", "50", "--window", "64"]
     )
     assert math.isfinite(bounded["nats_per_byte"]) and bounded["peak_rss_gib"] > 0
+
+
+def test_evaluate_stream_refuses_a_model_without_dfn_cache(tmp_path):
+    from dfn import DFNConfig
+    from dfn.baselines import same_size_llama
+
+    same_size_llama(DFNConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2), 64).save_pretrained(
+        tmp_path / "llama"
+    )
+    (tmp_path / "t.txt").write_bytes(b"some text to score")
+    with pytest.raises(SystemExit, match="--stream reads through DFN's cache: .* is a llama model"):
+        load_script("evaluate").main([str(tmp_path / "llama"), str(tmp_path / "t.txt"), "--stream"])
