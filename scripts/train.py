@@ -368,6 +368,20 @@ class CSVLoggerCallback(TrainerCallback):
         self.path = path
         self.start = time.time()
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A run resumed at step k logs again the steps after k that the interrupted run logged: drop those rows,
+        and go on counting time from the last row kept."""
+        if not state.is_world_process_zero or not state.global_step or not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as f:
+            kept = [row for row in csv.DictReader(f) if int(row["step"]) <= state.global_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        if kept:
+            self.start = time.time() - float(kept[-1]["time_s"])
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return

@@ -217,7 +217,7 @@ def test_trainer_loss_falls_and_writes_a_loadable_checkpoint(texts, tmp_path):
         assert key in written, key
     assert written["train_steps"] == 30
     assert (out / "loss_curve.png").stat().st_size > 1000
-    rows = list(csv.DictReader((out / "log.csv").open()))
+    rows = csv_rows(out / "log.csv")
     assert any(r["eval_loss"] for r in rows) and any(r["loss"] for r in rows)
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["model"]["hidden_size"] == 32 and resolved["max_steps"] == 30
@@ -284,6 +284,11 @@ def test_time_budget_horizon_follows_the_pace_both_ways(monkeypatch):
     assert horizon(5) == 1.0 and horizon(horizon.total_steps) == pytest.approx(0.1)
 
 
+def csv_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_resume_is_exact(texts, tmp_path):
     """A run resumed from step k reaches the same loss and weights at step 2k as an uninterrupted run."""
     k = 4
@@ -296,6 +301,11 @@ def test_resume_is_exact(texts, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / f"checkpoint-{k}", resumed / f"checkpoint-{k}")  # as if the first run stopped at step k
+    full_log = csv_rows(full / "log.csv")
+    with open(resumed / "log.csv", "w", newline="") as f:  # ... after logging step k + 2
+        writer = csv.DictWriter(f, fieldnames=list(full_log[0]))
+        writer.writeheader()
+        writer.writerows(row for row in full_log if int(row["step"]) <= k + 2)
     assert json.loads((resumed / f"checkpoint-{k}" / "train_config.json").read_text())["max_steps"] == 2 * k
     _, trainer2 = run(
         tiny_config(
@@ -311,6 +321,10 @@ def test_resume_is_exact(texts, tmp_path):
     )
     after = [h["loss"] for h in trainer2.state.log_history if "loss" in h]
     assert after[-1] == pytest.approx(uninterrupted[-1], abs=1e-6), (after, uninterrupted)
+    resumed_log = csv_rows(resumed / "log.csv")  # steps k+1, k+2 logged once, the clock never goes back
+    assert [row["step"] for row in resumed_log] == [row["step"] for row in full_log]
+    times = [float(row["time_s"]) for row in resumed_log]
+    assert times == sorted(times)
     a = load_file(str(full / "model.safetensors"))
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
