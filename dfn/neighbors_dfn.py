@@ -49,7 +49,7 @@ def causal_knn_reference(
             keys = key_pos[:, :num_keys].transpose(1, 2).float()  # (B, H, t, k)
             # flip the key axis so that a stable ascending sort prefers the more recent key on ties
             keys = keys.flip(2)
-            dist = (q.unsqueeze(3) - keys.unsqueeze(2)).pow(2).sum(-1)  # (B, H, n, t)
+            dist = _sq_dist(q.unsqueeze(3).unbind(-1), keys.unsqueeze(2).unbind(-1))  # (B, H, n, t)
             key_index = torch.arange(num_keys - 1, -1, -1, device=q.device)  # flipped global index
             query_index = torch.arange(start, stop, device=q.device) + query_offset
             allowed = (key_index.view(1, -1) <= query_index.view(-1, 1)).view(1, 1, stop - start, num_keys)
@@ -86,8 +86,10 @@ _ACCELERATOR_REFERENCE_MAX_PAIRS = 1024 * 1024
 def _sq_dist(query: list, key: list) -> torch.Tensor:
     """Squared distance from per-coordinate tensors, summed coordinate by coordinate in order.
 
-    Bit-equal to the oracle's `pow(2).sum(-1)`. Rounding is monotone, so a point whose per-coordinate gaps
-    to the query are at least `|query - key|` never gets a smaller computed distance (the bounds rely on it).
+    Every search computes distances with it, the oracle included, so all round alike: `pow(2).sum(-1)` may add in
+    another order (on an AVX CPU it does for 5-7 coordinates) and then picks another of two near-tied keys. Rounding
+    is monotone, so a point whose per-coordinate gaps to the query are at least `|query - key|` never gets a smaller
+    computed distance (the bounds rely on it).
     """
     dist = (query[0] - key[0]).pow_(2)
     for q, k in zip(query[1:], key[1:], strict=True):

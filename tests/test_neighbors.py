@@ -39,12 +39,12 @@ def geometry(request, monkeypatch):
 
 
 def neighbour_dist(query_pos, key_pos, indices, valid) -> torch.Tensor:
-    """`(B, N, H, K')` squared distances of the chosen neighbours (the oracle's formula), 0 where invalid."""
+    """`(B, N, H, K')` squared distances of the chosen neighbours (as every search computes them), 0 where invalid."""
     batch, _, heads, _ = query_pos.shape
     b = torch.arange(batch).view(-1, 1, 1, 1)
     h = torch.arange(heads).view(1, 1, -1, 1)
     near = key_pos[b, indices, h]  # (B, N, H, K', k)
-    return (query_pos.unsqueeze(3) - near).pow(2).sum(-1).masked_fill(~valid, 0.0)
+    return nd._sq_dist(query_pos.unsqueeze(3).unbind(-1), near.unbind(-1)).masked_fill(~valid, 0.0)
 
 
 def assert_matches_oracle(query_pos, key_pos, key_valid, num_neighbors, offset, label="") -> dict:
@@ -85,6 +85,24 @@ def test_oracle_hand_made_example():
         got = idx[0, i, 0][valid[0, i, 0]].tolist()
         assert got == want, (i, got, want)
     assert valid.sum().item() == sum(len(w) for w in expected)
+
+
+@pytest.mark.parametrize("dim", range(1, 9))
+def test_every_search_rounds_near_ties_alike(dim):
+    """Keys whose coordinates are permutations of one another are equally far from the origin up to rounding: the
+    oracle, the fast search and the decoding scan must round them alike (the oracle's `sum(-1)` once added 5-7
+    coordinates in another order than the others and picked another key)."""
+    gen = torch.Generator().manual_seed(dim)
+    base = torch.randn(64, dim, generator=gen)
+    keys = [base[:, torch.randperm(dim, generator=gen)] for _ in range(4)] + [torch.zeros(1, dim)]
+    pos = torch.cat(keys).view(1, -1, 1, dim)  # the origin is the last entity
+    valid = torch.ones(1, pos.shape[1], dtype=torch.bool)
+    last = pos.shape[1] - 1
+    for num_neighbors in (1, 2, 8, 32):
+        assert_matches_oracle(pos, pos, valid, num_neighbors, 0, f"k={dim} K={num_neighbors} full pass")
+        ref_idx, _ = causal_knn_reference(pos[:, last:], pos, valid, num_neighbors, last)
+        idx, _ = causal_knn_scan(pos[:, last:], pos, valid, num_neighbors, last)
+        assert torch.equal(idx, ref_idx), (dim, num_neighbors)
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
