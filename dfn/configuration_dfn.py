@@ -226,6 +226,11 @@ class DFNConfig(PreTrainedConfig):
                 f"DFNConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
+        if self.mlp_type == "gelu" and int(self.mlp_ratio * self.hidden_size) < 1:
+            raise ValueError(
+                f"DFNConfig.mlp_ratio ({self.mlp_ratio}) times hidden_size ({self.hidden_size}) must be >= 1: the GELU "
+                "MLP would have no hidden unit"
+            )
         if not 1 <= self.pos_dim <= 8:
             raise ValueError(f"DFNConfig.pos_dim must be in [1, 8], got {self.pos_dim}")
         if self.time_scale_min > self.time_scale_max:

@@ -882,6 +882,11 @@ class DFNModel(DFNPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training:
             use_cache = False
+            if cache is not None and torch.is_grad_enabled():
+                raise ValueError(
+                    "gradient checkpointing cannot train through a DFNCache: the backward pass replays each layer, "
+                    "which would write the segment into the cache twice; call model.gradient_checkpointing_disable()"
+                )
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape
         if cache is not None:
@@ -1082,13 +1087,16 @@ def binary(mask: torch.Tensor) -> bool:
     return int(low) >= 0 and int(high) <= 1
 
 
-def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
-    """Labels are integer ids in [0, vocab_size), or -100 where no loss is taken."""
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+def check_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Labels are integer ids in [0, vocab_size), or -100 where no loss is taken; returned as int64 (the loss takes
+    no other integer type, and uint8 bytes, like input ids, are accepted)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    labels = labels.long()
     wrong = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
     if bool(wrong.any()):
         raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100, got {int(labels[wrong][0])}")
+    return labels
 
 
 def _kept_entities(logits_to_keep) -> slice | torch.Tensor | None:
@@ -1097,6 +1105,8 @@ def _kept_entities(logits_to_keep) -> slice | torch.Tensor | None:
     if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0:
         logits_to_keep = int(logits_to_keep)
     if logits_to_keep is None or isinstance(logits_to_keep, numbers.Integral):
+        if logits_to_keep is not None and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 keeps all), got {logits_to_keep}")
         return slice(-int(logits_to_keep), None) if logits_to_keep else None
     if logits_to_keep.dim() != 1 or logits_to_keep.dtype.is_floating_point or logits_to_keep.dtype == torch.bool:
         raise ValueError(
@@ -1184,7 +1194,7 @@ class DFNForCausalLM(DFNPreTrainedModel, GenerationMixin):
                 )
             if kept is not None:
                 raise ValueError("labels cannot be combined with logits_to_keep")
-            check_labels(labels, self.config.vocab_size)
+            labels = check_labels(labels, self.config.vocab_size)
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return DFNCausalLMOutput(
             loss=loss,

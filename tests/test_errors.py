@@ -175,6 +175,33 @@ def test_byte_ids_of_any_integer_dtype(model):
         torch.testing.assert_close(model(ids.to(torch.uint8)).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_labels_of_any_integer_dtype(model, dtype):
+    """Bytes as uint8 (the natural type) or int32 labels give the int64 labels' loss; -100 still masks."""
+    ids = random_ids(2, 6)
+    labels = ids.clone()
+    if dtype != torch.uint8:  # which has no -100
+        labels[0, :2] = -100
+    with torch.no_grad():
+        assert model(ids, labels=labels.to(dtype)).loss == model(ids, labels=labels).loss
+
+
+def test_negative_logits_to_keep_is_refused(model):
+    with pytest.raises(ValueError, match=r"logits_to_keep must be >= 0 \(0 keeps all\), got -2"):
+        model(random_ids(1, 6), logits_to_keep=-2)
+
+
+def test_gradient_checkpointing_through_a_cache_is_refused():
+    """The backward pass replays each checkpointed layer: through a cache it would write the segment twice."""
+    model = make_model(tiny_config("k3-mem-residual")).train()
+    model.gradient_checkpointing_enable()
+    ids = random_ids(2, 12)
+    with pytest.raises(ValueError, match="gradient checkpointing cannot train through a DFNCache"):
+        model(ids, labels=ids, cache=DFNCache(model.config, window=16, memory_grad=True))
+    with torch.no_grad():  # reading through a cache needs no replay
+        model(ids, cache=DFNCache(model.config), use_cache=True)
+
+
 def test_inputs_embeds_of_another_dtype(model):
     with pytest.raises(ValueError, match="inputs_embeds must have the model's dtype torch.float32, got torch.float64"):
         model(inputs_embeds=torch.zeros(1, 4, model.config.hidden_size, dtype=torch.float64))
@@ -237,6 +264,12 @@ CONFIG_ERRORS = [
     ("eos_token_id", [258, 300], r"DFNConfig.eos_token_id must be None, an id or a non-empty list"),
     ("eos_token_id", [], r"DFNConfig.eos_token_id must be None, an id or a non-empty list"),
 ]
+
+
+def test_gelu_mlp_needs_a_hidden_unit():
+    with pytest.raises(ValueError, match=r"DFNConfig.mlp_ratio \(0.001\) times hidden_size \(32\) must be >= 1"):
+        DFNConfig(hidden_size=32, num_attention_heads=2, mlp_type="gelu", mlp_ratio=0.001)
+    DFNConfig(hidden_size=32, num_attention_heads=2, mlp_type="gelu", mlp_ratio=1 / 32)
 
 
 def test_query_flow_without_flow_is_rejected():
