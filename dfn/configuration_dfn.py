@@ -157,9 +157,15 @@ class DFNConfig(PreTrainedConfig):
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        head_dim = kwargs.pop("head_dim", None)  # derived, not set (a config.json written by other tools may hold it)
         super().__init__(**kwargs)
         self._warn_unknown(kwargs)
         self._validate_dfn()
+        if head_dim is not None and head_dim != self.head_dim:
+            raise ValueError(
+                f"DFNConfig.head_dim is hidden_size / num_attention_heads = {self.head_dim}, got {head_dim!r}: set "
+                "hidden_size and num_attention_heads instead"
+            )
 
     def _warn_unknown(self, kwargs: dict) -> None:
         """Fields no config of the library knows are kept (as every config does) but read by nothing: a typo such as

@@ -266,6 +266,12 @@ CONFIG_ERRORS = [
 ]
 
 
+def test_head_dim_is_derived():
+    assert DFNConfig(hidden_size=32, num_attention_heads=2, head_dim=16).head_dim == 16
+    with pytest.raises(ValueError, match=r"DFNConfig.head_dim is hidden_size / num_attention_heads = 16, got 8"):
+        DFNConfig(hidden_size=32, num_attention_heads=2, head_dim=8)
+
+
 def test_gelu_mlp_needs_a_hidden_unit():
     with pytest.raises(ValueError, match=r"DFNConfig.mlp_ratio \(0.001\) times hidden_size \(32\) must be >= 1"):
         DFNConfig(hidden_size=32, num_attention_heads=2, mlp_type="gelu", mlp_ratio=0.001)
