@@ -884,8 +884,8 @@ class DFNModel(DFNPreTrainedModel):
             use_cache = False
             if cache is not None and torch.is_grad_enabled():
                 raise ValueError(
-                    "gradient checkpointing cannot train through a DFNCache: the backward pass replays each layer, "
-                    "which would write the segment into the cache twice; call model.gradient_checkpointing_disable()"
+                    "activation checkpointing cannot train through a DFNCache: the backward pass replays each layer, "
+                    "which would write the segment into the cache twice; call model.activation_checkpointing_disable()"
                 )
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, length, _ = inputs_embeds.shape

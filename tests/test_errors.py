@@ -194,9 +194,9 @@ def test_negative_logits_to_keep_is_refused(model):
 def test_gradient_checkpointing_through_a_cache_is_refused():
     """The backward pass replays each checkpointed layer: through a cache it would write the segment twice."""
     model = make_model(tiny_config("k3-mem-residual")).train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ids = random_ids(2, 12)
-    with pytest.raises(ValueError, match="gradient checkpointing cannot train through a DFNCache"):
+    with pytest.raises(ValueError, match="activation checkpointing cannot train through a DFNCache"):
         model(ids, labels=ids, cache=DFNCache(model.config, window=16, memory_grad=True))
     with torch.no_grad():  # reading through a cache needs no replay
         model(ids, cache=DFNCache(model.config), use_cache=True)
