@@ -731,8 +731,7 @@ class DFNPreTrainedModel(PreTrainedModel):
         "memory_write_scale",
         "memory_log_width",
         "memory_pos",
-        "memory_prior_log_mass",
-    )
+    )  # not the mean write's memory_prior_log_mass: with 30x the rate, the passkey recipe learned later (README)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

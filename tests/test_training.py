@@ -235,7 +235,7 @@ def test_trainer_loss_falls_and_writes_a_loadable_checkpoint(texts, tmp_path):
 
 def test_geometry_parameters_get_their_own_learning_rate_and_no_decay(texts, tmp_path):
     cfg = tiny_config(texts, tmp_path / "run", max_steps=3, final_eval_blocks=1, plot=False, geometry_lr_scale=10.0)
-    cfg.model["memory_write"] = "mean"
+    cfg.model["memory_write"] = "mean"  # its prior mass stays in the base group
     _, trainer = run(cfg)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     *others, geometry = trainer.optimizer.param_groups
@@ -248,7 +248,6 @@ def test_geometry_parameters_get_their_own_learning_rate_and_no_decay(texts, tmp
         "memory_write_scale",
         "memory_log_width",
         "memory_pos",
-        "memory_prior_log_mass",
     }
     assert geometry["weight_decay"] == 0.0
     assert all(id(p) not in {id(q) for q in geometry["params"]} for g in others for p in g["params"])
