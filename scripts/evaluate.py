@@ -178,9 +178,11 @@ def main(argv=None) -> dict:
     if args.max_bytes:
         data = data[: args.max_bytes]
     start = time.time()
-    if args.stream and getattr(model.config, "model_type", None) != "dfn":
-        raise SystemExit(f"--stream reads through DFN's cache: {args.checkpoint} is a {model.config.model_type} model")
     if args.stream:
+        if model.config.model_type != "dfn":
+            raise SystemExit(
+                f"--stream reads through DFN's cache: {args.checkpoint} is a {model.config.model_type} model"
+            )
         scores = score_stream(model, data, args.segment, args.window or None)
     else:
         scores = score_bytes(model, data, args.block_size, args.batch_size, by_context=args.by_context)
