@@ -23,7 +23,6 @@ def cache_signature(config) -> dict:
         "memory_slots": config.memory_slots,
         "memory_chunk_size": config.memory_chunk_size,
         "memory_write": config.memory_write,
-        "memory_write_weight": config.memory_write_weight,
     }
 
 

@@ -15,7 +15,6 @@ NEIGHBOR_SEARCHES = ("auto", "reference", "fast")
 MIX_KERNELS = ("torch", "triton")
 MLP_TYPES = ("swiglu", "gelu")
 MEMORY_WRITES = ("gated", "mean")
-MEMORY_WRITE_WEIGHTS = ("influence", "value")
 # written into every saved config so that the Auto classes find the remote code of a checkpoint folder
 AUTO_MAP = {
     "AutoConfig": "configuration_dfn.DFNConfig",
@@ -62,11 +61,6 @@ class DFNConfig(PreTrainedConfig):
         memory_prior_log_mass (`float`, defaults to -5.0): "mean" write only: log of the mass D_0 each slot starts
             with (learned), i.e. how much the slot's initial value weighs against what is written. At -5 the first
             chunks of a fresh model (write mass about 0.01) take most of a slot.
-        memory_write_weight (`str`, defaults to "influence"): what weighs an entity's write into the memory:
-            "influence" its influence weight w_j, the one the kernel mix uses; "value" a weight of the memory's own,
-            `sigmoid(u_h · v_j + c_h)` of the entity's value `v_j` (u, c learned per head), so the memory can write
-            selectively without changing how neighbours mix. A function of the value, which the cache keeps, so a
-            cropped cache rebuilds its memory exactly.
         mlp_ratio (`float`, defaults to 4.0): MLP size: the "gelu" MLP's hidden width as a multiple of `hidden_size`;
             the "swiglu" MLP has about the same number of weights (hidden width `0.6 * mlp_ratio * hidden_size`,
             rounded to a multiple of 32).
@@ -111,7 +105,6 @@ class DFNConfig(PreTrainedConfig):
         memory_init_log_mass: float = -5.0,
         memory_write: str = "gated",
         memory_prior_log_mass: float = -5.0,
-        memory_write_weight: str = "influence",
         mlp_ratio: float = 4.0,
         mlp_type: str = "swiglu",
         dropout: float = 0.0,
@@ -146,7 +139,6 @@ class DFNConfig(PreTrainedConfig):
         self.memory_init_log_mass = memory_init_log_mass
         self.memory_write = memory_write
         self.memory_prior_log_mass = memory_prior_log_mass
-        self.memory_write_weight = memory_write_weight
         self.mlp_ratio = mlp_ratio
         self.mlp_type = mlp_type
         self.dropout = dropout
@@ -263,10 +255,6 @@ class DFNConfig(PreTrainedConfig):
                 raise ValueError(f"DFNConfig.{name} must be a number in [-30, 10], got {value!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise ValueError(f"DFNConfig.memory_write must be one of {MEMORY_WRITES}, got {self.memory_write!r}")
-        if self.memory_write_weight not in MEMORY_WRITE_WEIGHTS:
-            raise ValueError(
-                f"DFNConfig.memory_write_weight must be one of {MEMORY_WRITE_WEIGHTS}, got {self.memory_write_weight!r}"
-            )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"DFNConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_flow", "use_query_flow", "use_memory", "use_flownorm", "use_cache", "tie_word_embeddings"):

@@ -373,9 +373,6 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             self.memory_write_scale = nn.Parameter(torch.zeros(heads, slots))
             if config.memory_write == "mean":
                 self.memory_prior_log_mass = nn.Parameter(torch.zeros(heads, slots))
-            if config.memory_write_weight == "value":
-                self.memory_write_query = nn.Parameter(torch.zeros(heads, head_dim))
-                self.memory_write_bias = nn.Parameter(torch.zeros(heads))
             if pos_dim > 1:  # slots live in the flow coordinates 1..k-1 (see memory_dfn.py); none when k = 1
                 self.memory_pos = nn.Parameter(torch.zeros(heads, slots, pos_dim - 1))
                 self.memory_log_width = nn.Parameter(torch.full((heads,), math.log(config.kernel_width_init)))
@@ -542,7 +539,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
                 memory,
                 positions[..., 1:],
                 values,
-                self._memory_write_log_weights(values, log_weights),
+                log_weights,
                 position_ids,
                 entity_mask,
                 self._memory_params(),
@@ -590,14 +587,6 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             else self.memory_log_weight.new_zeros(self.num_heads, dtype=torch.float32),
         }
 
-    def _memory_write_log_weights(self, values: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-        """`(B, N, H)` log write weights of entities with values `(B, N, H, D)` and log influence weights `(B, N, H)`
-        (see `DFNConfig.memory_write_weight`)."""
-        if self.config.memory_write_weight == "influence":
-            return log_weights
-        logits = (values * self.memory_write_query.float()).sum(-1) + self.memory_write_bias.float()
-        return F.logsigmoid(logits)
-
     def _prior_log_mass(self) -> torch.Tensor | None:
         """`(H, M)` log D_0 of the "mean" write (None for the gated write)."""
         return self.memory_prior_log_mass.float() if self.config.memory_write == "mean" else None
@@ -622,7 +611,7 @@ class DFNFlowLayer(GradientCheckpointingLayer):
             fresh,
             cache_layer.positions[:, :length, :, 1:],
             cache_layer.entity_values[:, :length],
-            self._memory_write_log_weights(cache_layer.entity_values[:, :length], cache_layer.log_weights[:, :length]),
+            cache_layer.log_weights[:, :length],
             entity_times(past_mask, None),
             past_mask,
             params,
@@ -828,9 +817,6 @@ class DFNPreTrainedModel(PreTrainedModel):
                 init.constant_(module.memory_write_scale, -math.log(config.memory_chunk_size))
                 if config.memory_write == "mean":
                     init.constant_(module.memory_prior_log_mass, config.memory_prior_log_mass)
-                if config.memory_write_weight == "value":  # every entity writes with weight 1/2 at first
-                    init.zeros_(module.memory_write_query)
-                    init.zeros_(module.memory_write_bias)
         elif isinstance(module, DFNModel):
             heads = config.num_attention_heads
             scales = torch.logspace(

@@ -578,9 +578,7 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
       writes the slot it writes most into; `filler_gate`: the median gate of the later (filler) chunks on that slot;
       `retention`: the product of (1 - gate) over those chunks, the share of the key's write that is still in the
       slot when the query reads it;
-    * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler;
-      `write_logw_key_minus_filler`: the same for the memory's write weight (the influence weight unless
-      `memory_write_weight="value"`).
+    * `logw_key_minus_filler`: mean log influence weight of the key digits minus that of the filler.
     """
     from dfn.memory_dfn import (
         commit_coefficients,
@@ -598,7 +596,6 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.influence_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("w", i), o)))
-        hooks.append(layer.value_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("v", i), o)))
         if cfg.use_query_flow:
             hook = layer.query_flow_proj.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(("q", i), o))
             hooks.append(hook)
@@ -638,11 +635,6 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                 ).tolist()
                 if cfg.use_memory:
                     params = layer._memory_params()
-                    values = captured[("v", i)].float().view(1, length, heads, -1)
-                    write_w = layer._memory_write_log_weights(values, log_w)  # (1, N, H)
-                    row["write_logw_key_minus_filler"] = (
-                        write_w[0, key_start : key_start + KEY_DIGITS].mean(0) - write_w[0, filler_mask].mean(0)
-                    ).tolist()
                     flow = pos[..., 1:]
                     tracer = needle.view(1, -1, 1, 1).float().expand(1, length, heads, 1)
                     prior = layer._prior_log_mass()
@@ -650,17 +642,17 @@ def diagnose(model, args, filler: Filler, length: int, depth: float = 0.5, count
                     prefix = (q // cfg.memory_chunk_size) * cfg.memory_chunk_size  # chunks complete before q's
                     ids_all = torch.arange(length).view(1, -1)
                     _, _, before_q = memory_scan(
-                        state, flow[:, :prefix], tracer[:, :prefix], write_w[:, :prefix], ids_all[:, :prefix],
+                        state, flow[:, :prefix], tracer[:, :prefix], log_w[:, :prefix], ids_all[:, :prefix],
                         valid_all[:, :prefix], params, cfg.memory_chunk_size, read=False,
                     )  # fmt: skip
                     read, mem_lse, _ = memory_scan(
-                        state, flow, tracer, write_w, ids_all, valid_all, params, cfg.memory_chunk_size
+                        state, flow, tracer, log_w, ids_all, valid_all, params, cfg.memory_chunk_size
                     )
                     knn_lse = torch.logsumexp(logits, -1)
                     mem_frac = torch.sigmoid(mem_lse[0, q] - knn_lse)
                     needle_mem = read[0, q, :, 0]
                     # write mass S (chunks, H, M) and the decay 1 - gate each complete chunk applies to each slot
-                    mass = torch.exp(write_scores(flow[0, :prefix], write_w[0, :prefix], params))
+                    mass = torch.exp(write_scores(flow[0, :prefix], log_w[0, :prefix], params))
                     mass = mass.view(-1, cfg.memory_chunk_size, heads, cfg.memory_slots).sum(1)
                     before = None
                     if prior is not None:  # every chunk before q's is complete
@@ -1065,7 +1057,6 @@ def main(argv=None) -> dict:
                         "filler_gate",
                         "retention",
                         "logw_key_minus_filler",
-                        "write_logw_key_minus_filler",
                     )
                     if k in row
                 ]

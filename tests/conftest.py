@@ -55,9 +55,8 @@ TINY = dict(
 )
 
 # name -> overrides of TINY; together they cover pos_dim 1/2/3, memory on/off, both layer variants, flow on/off, the
-# query flow, FlowNorm off, memory chunk sizes 5-8, both memory writes ("gated", the default, and "mean"), both memory
-# write weights ("influence", the default, and "value"), both MLP types (SwiGLU, the default, and GELU) and both the
-# default ("auto") and the reference neighbour search.
+# query flow, FlowNorm off, memory chunk sizes 5-8, both memory writes ("gated", the default, and "mean"), both MLP
+# types (SwiGLU, the default, and GELU) and both the default ("auto") and the reference neighbour search.
 CONFIGS = {
     "k3-mem-residual": dict(pos_dim=3, use_memory=True, layer_variant="residual", memory_chunk_size=6),
     "k1-mem-seed": dict(pos_dim=1, use_memory=True, layer_variant="seed", memory_chunk_size=5, mlp_type="gelu"),
@@ -67,18 +66,11 @@ CONFIGS = {
         use_query_flow=True,
         use_memory=True,
         memory_write="mean",
-        memory_write_weight="value",
         layer_variant="residual",
         memory_chunk_size=7,
     ),
     "k1-noflow-nonorm-residual": dict(
-        pos_dim=1,
-        use_memory=True,
-        memory_write="mean",
-        use_flow=False,
-        use_flownorm=False,
-        layer_variant="residual",
-        memory_chunk_size=8,
+        pos_dim=1, use_memory=True, use_flow=False, use_flownorm=False, layer_variant="residual", memory_chunk_size=8
     ),
 }
 # a smaller set for the slower generate()-based tests

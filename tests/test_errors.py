@@ -246,11 +246,6 @@ CONFIG_ERRORS = [
     ("memory_init_log_mass", True, r"DFNConfig.memory_init_log_mass must be a number"),
     ("memory_prior_log_mass", -31.0, r"DFNConfig.memory_prior_log_mass must be a number in \[-30, 10\], got -31.0"),
     ("memory_write", "sum", r"DFNConfig.memory_write must be one of \('gated', 'mean'\), got 'sum'"),
-    (
-        "memory_write_weight",
-        "key",
-        r"DFNConfig.memory_write_weight must be one of \('influence', 'value'\), got 'key'",
-    ),
     ("dropout", 1.0, r"DFNConfig.dropout must be in \[0, 1\), got 1.0"),
     ("dropout", -0.1, r"DFNConfig.dropout must be in \[0, 1\)"),
     ("kernel_width_init", float("inf"), r"DFNConfig.kernel_width_init must be a finite number > 0"),
@@ -390,7 +385,6 @@ def test_invalid_config_in_saved_folder_is_rejected_at_load(tmp_path):
         (dict(memory_slots=4), "memory_slots"),
         (dict(use_memory=False), "use_memory"),
         (dict(memory_write="mean"), "memory_write"),
-        (dict(memory_write_weight="value"), "memory_write_weight"),
         (dict(num_attention_heads=4), "num_attention_heads"),
     ],
 )

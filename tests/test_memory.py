@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, max_diff, random_ids, tiny_config
+from conftest import max_diff
 
 from dfn import memory_dfn
 from dfn.memory_dfn import initial_memory_state, memory_scan, memory_scan_reference
@@ -187,29 +187,3 @@ def test_weak_key_against_weaker_filler(write):
     assert torch.allclose(state["val"], torch.full_like(state["val"], expected), rtol=1e-4)
     if write == "mean":
         assert torch.allclose(state["mass"], torch.full_like(state["mass"], math.exp(-10) + 0.15), rtol=1e-4)
-
-
-@torch.no_grad()
-def test_value_write_weight_is_the_memorys_own():
-    """With `memory_write_weight="value"` an entity writes with weight `sigmoid(u_h · v_j + c_h)`: the influence
-    weights (the kernel mix's) no longer change what the memory holds, and a bias of -30 writes almost nothing."""
-    ids = random_ids(2, 30)  # 5 complete chunks of 6
-
-    def first_layer_memory(model) -> dict:
-        return model(ids, use_cache=True).cache.layers[0].memory
-
-    own = make_model(tiny_config("k3-mem-residual", memory_write_weight="value"))
-    shared = make_model(tiny_config("k3-mem-residual"))
-    before = {"own": first_layer_memory(own), "shared": first_layer_memory(shared)}
-    for model in (own, shared):
-        model.model.layers[0].influence_proj.bias += 3.0
-    assert_states_equal(before["own"], first_layer_memory(own), tol=0.0)
-    assert max_diff(before["shared"]["val"], first_layer_memory(shared)["val"]) > 1e-3
-
-    layer = own.model.layers[0]
-    home = layer.memory_pos.unsqueeze(0).expand(2, -1, -1, -1)
-    assert max_diff(before["own"]["pos"], home) > 1e-3  # the slots moved with the learned weights
-    layer.memory_write_bias.fill_(-30.0)
-    silent = first_layer_memory(own)
-    assert max_diff(silent["pos"], home) < 1e-6
-    assert max_diff(silent["val"], layer.memory_val.unsqueeze(0).expand(2, -1, -1, -1)) < 1e-6

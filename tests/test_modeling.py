@@ -231,7 +231,6 @@ def test_gradients_reach_flow_kernel_influence_and_memory(config):
         names += ["memory_val", "memory_write_scale", "memory_log_weight"]
         names += ["memory_pos", "memory_log_width"] if config.pos_dim > 1 else []
         names += ["memory_prior_log_mass"] if config.memory_write == "mean" else []
-        names += ["memory_write_query", "memory_write_bias"] if config.memory_write_weight == "value" else []
     checked = [(f"layers.{i}.{n}", layer.get_parameter(n)) for i, layer in enumerate(model.model.layers) for n in names]
     checked.append(("log_time_scale", model.model.log_time_scale))
     for name, param in checked:
